@@ -1,0 +1,9 @@
+"""Sub-commands of ``oflsam2``; each lives beside what it drives."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    from .cli_weights import register as weights
+
+    weights(sub)
