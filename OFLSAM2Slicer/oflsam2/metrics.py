@@ -20,7 +20,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def _surface(mask: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
-    eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
+    eroded = ndimage.binary_erosion(
+        mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0
+    )
     return mask & ~eroded
 
 

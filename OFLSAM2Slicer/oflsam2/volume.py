@@ -52,7 +52,9 @@ class Geometry:
         m = np.asarray(matrix, dtype=float)
         spacing = np.linalg.norm(m[:3, :3], axis=0)
         if np.any(spacing <= 0):
-            raise InputError("the IJK-to-physical matrix has a zero column: fix the volume's spacing")
+            raise InputError(
+                "the IJK-to-physical matrix has a zero column: fix the volume's spacing"
+            )
         direction = m[:3, :3] / spacing
         return cls(
             tuple(int(s) for s in size),
@@ -79,7 +81,9 @@ class Geometry:
         import SimpleITK as sitk
 
         if tuple(array.shape) != self.shape:
-            raise InputError(f"array shape {array.shape} does not match the grid {self.shape} (k, j, i)")
+            raise InputError(
+                f"array shape {array.shape} does not match the grid {self.shape} (k, j, i)"
+            )
         image = sitk.GetImageFromArray(np.ascontiguousarray(array))
         image.SetSpacing(self.spacing)
         image.SetOrigin(self.origin)
@@ -99,7 +103,9 @@ class Geometry:
         scale = max(float(np.max(np.abs(o_a))), float(np.max(sp_a)), 1.0)
         if np.max(np.abs(o_a - o_b)) / scale > _GRID_TOL:
             shift = float(np.max(np.abs(o_a - o_b)))
-            out.append(f"origin {tuple(np.round(o_b, 4))} vs {tuple(np.round(o_a, 4))} ({shift:.4g} mm apart)")
+            out.append(
+                f"origin {tuple(np.round(o_b, 4))} vs {tuple(np.round(o_a, 4))} ({shift:.4g} mm apart)"
+            )
         d = float(np.max(np.abs(self.direction_matrix - other.direction_matrix)))
         if d > _GRID_TOL:
             out.append(f"direction differs by up to {d:.3g}")
@@ -137,7 +143,9 @@ def _read_sitk(path: str | os.PathLike, what: str):
             reader = sitk.ImageSeriesReader()
             ids = reader.GetGDCMSeriesIDs(str(p))
             if not ids:
-                raise InputError(f"{what} folder {p} holds no DICOM series: give a DICOM folder or an image file")
+                raise InputError(
+                    f"{what} folder {p} holds no DICOM series: give a DICOM folder or an image file"
+                )
             files = max((reader.GetGDCMSeriesFileNames(str(p), sid) for sid in ids), key=len)
             reader.SetFileNames(files)
             reader.MetaDataDictionaryArrayUpdateOn()
@@ -150,7 +158,10 @@ def _read_sitk(path: str | os.PathLike, what: str):
                 modality = image.GetMetaData("0008|0060").strip().upper() or None
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        detail = next((ln.strip() for ln in first if ln.strip() and "ITK ERROR" in ln), first[-1] if first else "")
+        detail = next(
+            (ln.strip() for ln in first if ln.strip() and "ITK ERROR" in ln),
+            first[-1] if first else "",
+        )
         raise InputError(f"cannot read {what} {p}: not a readable image ({detail[:160]})") from None
     dim = image.GetDimension()
     if dim != 3:
@@ -178,14 +189,19 @@ def check_same_grid(reference: Geometry, other: Geometry, what: str = "label map
     diffs = reference.differences(other)
     if diffs:
         raise InputError(
-            f"{what} is not on the image grid: " + "; ".join(diffs) + " (resample it onto the image first)"
+            f"{what} is not on the image grid: "
+            + "; ".join(diffs)
+            + " (resample it onto the image first)"
         )
 
 
 def _as_labels(array: np.ndarray, what: str) -> np.ndarray:
-    if array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
-            raise InputError(f"{what} holds non-integer values: give a label map (0 = background, 1..255)")
+    if array.dtype.kind == "f" and (
+        not np.all(np.isfinite(array)) or np.any(array != np.round(array))
+    ):
+        raise InputError(
+            f"{what} holds non-integer values: give a label map (0 = background, 1..255)"
+        )
     if array.size and (array.min() < 0 or array.max() > 255):
         raise InputError(
             f"{what} holds label values outside 0..255 (min {array.min()}, max {array.max()}): "
@@ -203,7 +219,9 @@ def read_labels(path: str | os.PathLike, reference: Geometry | None = None) -> L
         import SimpleITK as sitk
 
         image, _ = _read_sitk(p, "label map")
-        labels = LabelMap(_as_labels(sitk.GetArrayFromImage(image), f"label map {p}"), Geometry.from_sitk(image))
+        labels = LabelMap(
+            _as_labels(sitk.GetArrayFromImage(image), f"label map {p}"), Geometry.from_sitk(image)
+        )
     if reference is not None:
         labels = _pad_to_grid(labels, reference, p)
         check_same_grid(reference, labels.geometry, f"label map {p}")
@@ -218,7 +236,9 @@ def _read_seg_nrrd(path: str) -> LabelMap:
     try:
         seg = slicerio.read_segmentation(path)
     except Exception as exc:  # slicerio raises many kinds on corrupt files
-        raise InputError(f"cannot read segmentation {path}: {str(exc).splitlines()[0][:160]}") from None
+        raise InputError(
+            f"cannot read segmentation {path}: {str(exc).splitlines()[0][:160]}"
+        ) from None
     vox = np.asarray(seg["voxels"])
     size = vox.shape[-3:]
     out = np.zeros(tuple(reversed(size)), np.uint8)
@@ -232,7 +252,9 @@ def _read_seg_nrrd(path: str) -> LabelMap:
         mask = (layer_vox == segment["labelValue"]).transpose(2, 1, 0)
         value = int(segment["labelValue"]) if layer == 0 else next(free, None)
         if value is None or not 0 < value <= 255:
-            raise InputError(f"segmentation {path} needs label values above 255; oflsam2 handles 1..255")
+            raise InputError(
+                f"segmentation {path} needs label values above 255; oflsam2 handles 1..255"
+            )
         out[mask & (out == 0)] = value
         names[value] = segment.get("name", segment.get("id", f"Segment_{value}"))
         if "color" in segment:
@@ -249,7 +271,9 @@ def _pad_to_grid(labels: LabelMap, reference: Geometry, path: str) -> LabelMap:
     same_lattice = not any(d.startswith(("spacing", "direction")) for d in reference.differences(g))
     if not same_lattice:
         return labels
-    offset = np.linalg.solve(reference.ijk_to_lps()[:3, :3], np.asarray(g.origin) - np.asarray(reference.origin))
+    offset = np.linalg.solve(
+        reference.ijk_to_lps()[:3, :3], np.asarray(g.origin) - np.asarray(reference.origin)
+    )
     rounded = np.round(offset)
     if np.max(np.abs(offset - rounded)) > 1e-3:
         return labels
@@ -287,14 +311,13 @@ def choose_axis(labels: np.ndarray) -> int:
     return int(np.argmin(counts))
 
 
-def find_annotated(labels: np.ndarray, axis: int | str = "auto", slices: list[int] | None = None) -> Annotation:
+def find_annotated(
+    labels: np.ndarray, axis: int | str = "auto", slices: list[int] | None = None
+) -> Annotation:
     if labels.ndim != 3:
         raise InputError(f"label map must be 3D, got shape {labels.shape}")
     if axis == "auto":
-        if slices is not None:
-            axis = 0
-        else:
-            axis = choose_axis(labels)
+        axis = 0 if slices is not None else choose_axis(labels)
     axis = int(axis)
     if axis not in (0, 1, 2):
         raise InputError(f"slice axis must be auto, 0, 1 or 2, not {axis}")
@@ -350,9 +373,8 @@ def intensity_window(
     Anything else: the 0.5 to 99.5 percentile of the volume.
     """
     if looks_like_ct(array, modality):
-        if mask is not None and np.any(mask):
-            if float(np.median(array[mask])) < -400:
-                return CT_LUNG
+        if mask is not None and np.any(mask) and float(np.median(array[mask])) < -400:
+            return CT_LUNG
         return CT_SOFT_TISSUE
     step = max(1, array.size // 2_000_000)
     sample = array.ravel()[::step]
@@ -373,10 +395,24 @@ def apply_window(array: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 
 def _atomic_target(path: Path) -> Path:
     name = path.name
-    suffix = "".join(path.suffixes[-2:]) if name.lower().endswith((".nii.gz", ".seg.nrrd")) else path.suffix
+    suffix = (
+        "".join(path.suffixes[-2:])
+        if name.lower().endswith((".nii.gz", ".seg.nrrd"))
+        else path.suffix
+    )
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     return Path(tmp)
+
+
+def _final_mode(path: Path) -> int:
+    """Permissions for the renamed file: an existing file's, else what the umask gives (mkstemp makes 0600)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
 
 
 def write_labels(
@@ -401,9 +437,12 @@ def write_labels(
             import SimpleITK as sitk
 
             sitk.WriteImage(geometry.to_sitk(labels), str(tmp), useCompression=True)
+        os.chmod(tmp, _final_mode(path))
         os.replace(tmp, path)
     except RuntimeError as exc:
-        raise InputError(f"cannot write {path}: {str(exc).strip().splitlines()[-1][:160]}") from None
+        raise InputError(
+            f"cannot write {path}: {str(exc).strip().splitlines()[-1][:160]}"
+        ) from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -15,7 +15,9 @@ class Encoded:
     """Image features of N slices."""
 
     embed: torch.Tensor  # (N, C, h, w) stride-16 embedding
-    hires: list[torch.Tensor] = field(default_factory=list)  # extra decoder inputs (SAM2), may be empty
+    hires: list[torch.Tensor] = field(
+        default_factory=list
+    )  # extra decoder inputs (SAM2), may be empty
 
 
 @dataclass
@@ -70,9 +72,13 @@ def pick_device(device: str = "auto") -> torch.device:
             return torch.device("cuda")
         return torch.device("mps") if has_mps else torch.device("cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is available: use --device cpu or auto")
+        raise InputError(
+            "--device cuda was asked for but no CUDA GPU is available: use --device cpu or auto"
+        )
     if device == "mps" and not has_mps:
-        raise InputError("--device mps was asked for but Apple MPS is not available: use --device cpu or auto")
+        raise InputError(
+            "--device mps was asked for but Apple MPS is not available: use --device cpu or auto"
+        )
     if device not in ("cpu", "cuda", "mps"):
         raise InputError(f"unknown device {device!r}: use auto, cpu, cuda or mps")
     return torch.device(device)

@@ -1,0 +1,112 @@
+"""Few-shot and online training of a Learner through the frozen mask decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .backbones.base import Backbone
+from .learner import Learner
+
+
+@dataclass
+class Sample:
+    """One training slice: features, memory features, decoder extras and the target."""
+
+    embed: torch.Tensor  # (C, h, w) float16 on CPU
+    memory: torch.Tensor  # (C, h, w) P for this slice
+    hires: list[torch.Tensor]  # each (c, H, W)
+    target: torch.Tensor  # (1, L, L) float in [0, 1] at the decoder's mask size
+    box: torch.Tensor | None = None  # (4,) prompt box in input pixels (backbones that need one)
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice, per batch."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    inter = (p * target).flatten(1).sum(1)
+    denom = p.flatten(1).sum(1) + target.flatten(1).sum(1)
+    dice = 1.0 - (2.0 * inter + 1.0) / (denom + 1.0)
+    return bce + dice.mean()
+
+
+def _stack(samples: list[Sample], device: torch.device):
+    f = torch.stack([s.embed for s in samples]).to(device, torch.float32)
+    p = torch.stack([s.memory for s in samples]).to(device, torch.float32)
+    hires = [
+        torch.stack([s.hires[i] for s in samples]).to(device, torch.float32)
+        for i in range(len(samples[0].hires))
+    ]
+    y = torch.stack([s.target for s in samples]).to(device, torch.float32)
+    boxes = None
+    if samples[0].box is not None:
+        boxes = torch.stack([s.box for s in samples]).to(device, torch.float32)
+    return f, p, hires, y, boxes
+
+
+def _augment(f, p, hires, y, boxes, gen: torch.Generator, size: int):
+    """Joint flips of every spatial tensor, plus noise on F (cheap stand-ins for image augmentation)."""
+    for dim in (-1, -2):
+        if torch.rand((), generator=gen) < 0.5:
+            f, p, y = f.flip(dim), p.flip(dim), y.flip(dim)
+            hires = [h.flip(dim) for h in hires]
+            if boxes is not None:
+                i0, i1 = (0, 2) if dim == -1 else (1, 3)
+                b = boxes.clone()
+                b[:, i0], b[:, i1] = size - boxes[:, i1], size - boxes[:, i0]
+                boxes = b
+    noise = torch.randn(f.shape, generator=gen) * (0.05 * f.std())
+    return f + noise.to(f.device), p, hires, y, boxes
+
+
+def train_steps(
+    learner: Learner,
+    backbone: Backbone,
+    optimizer: torch.optim.Optimizer,
+    samples: list[Sample],
+    steps: int,
+    gen: torch.Generator,
+    batch: int = 4,
+    augment: bool = True,
+    patience: int = 12,
+    cancel=None,
+    progress=None,
+) -> list[float]:
+    """A bounded number of Adam steps with early stopping; returns the losses."""
+    learner.train()
+    losses: list[float] = []
+    best, stale = float("inf"), 0
+    dev = backbone.device
+    for step in range(steps):
+        if cancel is not None and cancel.is_set():
+            break
+        if len(samples) > batch:
+            idx = torch.randperm(len(samples), generator=gen)[:batch].tolist()
+            chosen = [samples[i] for i in idx]
+        else:
+            chosen = samples
+        f, p, hires, y, boxes = _stack(chosen, dev)
+        if augment:
+            f, p, hires, y, boxes = _augment(f, p, hires, y, boxes, gen, backbone.input_size)
+        fused, coarse = learner(f, p)
+        dec = backbone.decode(fused, hires, boxes=boxes)
+        loss = seg_loss(dec.logits, y)
+        y_coarse = F.adaptive_avg_pool2d(y, coarse.shape[-2:])
+        loss = loss + 0.5 * seg_loss(coarse, y_coarse)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = float(loss.detach())
+        losses.append(value)
+        if progress is not None:
+            progress(step + 1, steps)
+        if value < best - 1e-3:
+            best, stale = value, 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    learner.eval()
+    return losses
