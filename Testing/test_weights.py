@@ -194,6 +194,9 @@ def test_download_good(fake, home):
     assert calls[-1] == (len(FAKE_BYTES), len(FAKE_BYTES))
     assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:], strict=False))
     assert _files(home) == ["fake_model.pt"]  # no temporary file left, no record for hashed entries
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600: caches may be shared
     assert weights.status(FAKE) == "cached"
     assert weights.resolve(FAKE) == path
 
@@ -264,6 +267,14 @@ def test_url_override_and_mirror(monkeypatch, server, home):
     monkeypatch.setitem(weights.URL_OVERRIDES, FAKE, f"{server}/fake_model.pt")
     assert weights.download(FAKE) == home / "fake_model.pt"
     assert weights.status(FAKE) == "cached"
+
+
+def test_unwritable_cache(fake, monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("OFLSAM2_HOME", str(blocker / "cache"))
+    with pytest.raises(WeightsError, match="set OFLSAM2_HOME to a writable folder"):
+        weights.download(FAKE)
 
 
 def test_bundled_cannot_be_downloaded():

@@ -210,6 +210,7 @@ def _write_record(path: Path, entry: ModelEntry, digest: str, size: int, source:
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(record, fh, indent=2)
+        os.chmod(tmp, _plain_mode())
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -312,10 +313,18 @@ def _check_content(entry: ModelEntry, path: Path, digest: str) -> str | None:
     return _state_dict_problem(entry, path)
 
 
+def _plain_mode() -> int:
+    """Permissions a plainly created file gets (mkstemp makes 0600; a shared cache needs the umask's)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _install(entry: ModelEntry, tmp: Path, dest: Path, digest: str, source: str) -> Path:
     """Move a verified temporary file into place; the record goes first so no file is ever unrecorded."""
     if not entry.sha256:
         _write_record(dest, entry, digest, tmp.stat().st_size, source)
+    os.chmod(tmp, _plain_mode())
     os.replace(tmp, dest)
     return dest
 
@@ -330,9 +339,15 @@ def _clean_stale_parts(folder: Path, filename: str) -> None:
 
 
 def _new_part(folder: Path, filename: str) -> tuple[int, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    _clean_stale_parts(folder, filename)
-    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _clean_stale_parts(folder, filename)
+        fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=folder)
+    except OSError as exc:
+        raise WeightsError(
+            f"cannot write into the weights cache {folder} ({_first_line(exc)}): "
+            "set OFLSAM2_HOME to a writable folder"
+        ) from None
     return fd, Path(tmp)
 
 
@@ -460,7 +475,9 @@ def import_file(path: str | os.PathLike, name: str | None = None) -> Path:
     folder = cache_dir()
     dest = folder / entry.filename
     if dest.exists() and os.path.samefile(src, dest):  # importing the cached file itself: record it
-        return _install(entry, src, dest, digest, str(src)) if not entry.sha256 else dest
+        if not entry.sha256:
+            _write_record(dest, entry, digest, dest.stat().st_size, str(src))
+        return dest
     fd, tmp = _new_part(folder, entry.filename)
     try:
         copied = hashlib.sha256()
