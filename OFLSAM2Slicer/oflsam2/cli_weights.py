@@ -57,6 +57,10 @@ def _download(args: argparse.Namespace) -> int:
                 leave=True,
             )
         bar.update(done - bar.n)
+        if total is not None and done >= total and not bar.disable:
+            bar.close()  # transfer complete; verification follows
+            print(f"verifying {args.name} ...", file=sys.stderr)
+            bar.disable = True
 
     try:
         path = weights.download(args.name, progress=progress, timeout=args.timeout)
