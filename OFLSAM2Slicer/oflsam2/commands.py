@@ -4,6 +4,8 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
+    from .cli_segment import register as segment
     from .cli_weights import register as weights
 
+    segment(sub)
     weights(sub)
