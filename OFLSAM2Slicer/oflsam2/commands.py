@@ -4,8 +4,10 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
+    from .cli_demo import register as demo
     from .cli_segment import register as segment
     from .cli_weights import register as weights
 
     segment(sub)
     weights(sub)
+    demo(sub)

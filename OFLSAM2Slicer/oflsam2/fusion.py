@@ -14,7 +14,7 @@ class AdaptiveFusion(nn.Module):
     """
 
     def __init__(
-        self, channels: int = 256, hidden: int = 32, gate_t: float = -2.0, gate_p: float = 3.0
+        self, channels: int = 256, hidden: int = 32, gate_t: float = -3.0, gate_p: float = 3.0
     ) -> None:
         super().__init__()
         self.reduce = nn.Conv2d(2 * channels, hidden, kernel_size=1)

