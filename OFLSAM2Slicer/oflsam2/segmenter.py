@@ -283,6 +283,8 @@ class OFLSegmenter:
                 progress=prog,
             )
             seg.buffer.clear()
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("fitting was cancelled")
         for value in list(self._segments):
             if value not in ann.per_segment:
                 del self._segments[value]
