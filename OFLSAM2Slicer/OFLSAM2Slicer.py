@@ -56,7 +56,7 @@ class OFLSAM2Slicer(ScriptedLoadableModule):
 
     def __init__(self, parent) -> None:
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = _("OFL-SAM2 Propagation")
+        self.parent.title = _("OFL-SAM2")
         self.parent.categories = [_("Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["OFLSAM2Slicer developers"]
