@@ -211,6 +211,14 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if node.segmentId and selector.currentSegmentID() != node.segmentId:
                 selector.setCurrentSegmentID(node.segmentId)
             selector.blockSignals(wasBlocked)
+            # A segment ID that is not in the segmentation (none yet, or another segmentation's):
+            # take what the selector shows, so Propagate works without touching the selector.
+            seg = node.segmentation
+            if not (seg and node.segmentId and seg.GetSegmentation().GetSegment(node.segmentId)):
+                current = selector.currentSegmentID() or ""
+                if current != node.segmentId:
+                    node.segmentId = current  # re-enters this method once, then it is consistent
+                    return
         self._updateButtons()
         self._updateWeightsStatus()
 
@@ -643,10 +651,23 @@ class OFLSAM2SlicerTest(ScriptedLoadableModuleTest):
         slicer.util.updateSegmentBinaryLabelmapFromArray(marker, seg, "marker", volume)
 
         self.delayDisplay("Propagating with LiteMedSAM")
-        result = logic.propagate(volume, seg, ["lung"], backbone="litemedsam")
+        # Between the painted slices only, and a lean engine: a self-test, not a benchmark.
+        span = (painted[0], painted[-1])
+        result = logic.propagate(
+            volume,
+            seg,
+            ["lung"],
+            backbone="litemedsam",
+            fit_steps=20,
+            online=False,
+            slice_range=span,
+        )
         after = slicer.util.arrayFromSegmentBinaryLabelmap(seg, "lung", volume) > 0
-        changed = np.flatnonzero((after != (sparse > 0)).any(axis=(1, 2)))
-        self.assertTrue(set(changed.tolist()).isdisjoint(painted), "a painted slice was changed")
+        changed = set(np.flatnonzero((after != (sparse > 0)).any(axis=(1, 2))).tolist())
+        self.assertTrue(changed.isdisjoint(painted), "a painted slice was changed")
+        self.assertTrue(
+            all(span[0] < k < span[1] for k in changed), "a slice outside the range changed"
+        )
         self.assertGreater(result.slicesWritten["lung"], 0)
         np.testing.assert_array_equal(
             slicer.util.arrayFromSegmentBinaryLabelmap(seg, "marker", volume) > 0, marker > 0

@@ -674,8 +674,10 @@ def test_segmenter_dropped_with_its_volume(mrml, ct, fake_logic):
 
 # ---------------------------------------------------------------- the real engine
 
-# Few training steps: the test is about the Slicer glue; 10 steps already give Dice 0.95 here.
-ENGINE_OPTIONS = {"device": "cpu", "seed": 0, "fit_steps": 10}
+# These tests are about the Slicer glue, so the engine runs lean: 10 training steps and no
+# online learning give Dice 0.91 here in about a minute (online learning costs ~2 more minutes
+# on 2 CPU cores); the SAM2 test below keeps online learning on to cover that path.
+ENGINE_OPTIONS = {"device": "cpu", "seed": 0, "fit_steps": 10, "online": False}
 
 
 @pytest.fixture(scope="module")
@@ -759,7 +761,8 @@ def test_oblique_volume_gives_the_same_result(mrml, ct, engine):
     span = (ct.painted[0], ct.painted[0] + 4)  # a short slice range keeps the two runs quick
     straight = painted_segmentation(mrml, ct, "StraightRange")
     node, oblique = oblique_copy(mrml, ct, "Oblique", ct.painted)
-    options = dict(ENGINE_OPTIONS, slice_range=span)
+    # seed 1: a fresh segmenter for each volume (RNG state included), so the runs can match exactly
+    options = dict(ENGINE_OPTIONS, slice_range=span, seed=1)
     a = OFLSAM2Logic().propagate(
         ct.volume, straight, [RIGHT_LUNG], backbone="litemedsam", **options
     )
@@ -774,13 +777,14 @@ def test_oblique_volume_gives_the_same_result(mrml, ct, engine):
         f"oblique vs straight: Dice {score:.4f}, identical {same}, {a.orientation} vs {b.orientation}"
     )
     assert a.slicesWritten[RIGHT_LUNG] > 0
-    assert score >= 0.99
+    assert same, f"oblique and straight results differ (Dice {score:.4f})"
 
 
 def test_sam2_random_weights_mechanics(mrml, ct, engine):
     seg = painted_segmentation(mrml, ct, "SAM2")
     before = masks(seg, ct.volume)
-    options = dict(ENGINE_OPTIONS, fit_steps=5, slice_range=(ct.painted[0], ct.painted[0] + 4))
+    span = (ct.painted[0], ct.painted[0] + 4)
+    options = dict(ENGINE_OPTIONS, fit_steps=5, online=True, slice_range=span)
     result = OFLSAM2Logic().propagate(
         ct.volume, seg, [RIGHT_LUNG], backbone="sam2", random_init=True, image_size=512, **options
     )
