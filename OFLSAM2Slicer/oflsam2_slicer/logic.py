@@ -1111,11 +1111,6 @@ class OFLSAM2Logic:
         job.wait()
         return self.finishPropagation(job, beforeWrite)
 
-    @staticmethod
-    def activeJob() -> PropagationJob | None:
-        """The propagation started last, while it has not been written or dropped."""
-        return _STORE.active
-
     # ------------------------------------------------------------ undo
 
     @staticmethod
