@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from oflsam2 import __version__, volume
 from oflsam2.cli import main
 from oflsam2.errors import InputError

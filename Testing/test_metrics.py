@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 import pytest
-from oflsam2.metrics import dice, hd95
 from scipy.spatial.distance import cdist
+
+from oflsam2.metrics import dice, hd95
 
 
 def test_dice_values():

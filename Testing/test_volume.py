@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+from scipy.spatial.transform import Rotation
+
 from oflsam2 import volume
 from oflsam2.errors import InputError
 from oflsam2.volume import Geometry
-from scipy.spatial.transform import Rotation
 
 SPACING = (0.7, 0.9, 2.5)  # anisotropic
 ORIGIN = (-10.5, 20.25, 3.0)

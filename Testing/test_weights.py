@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from oflsam2 import weights
 from oflsam2.cli import main
 from oflsam2.errors import InputError, WeightsError

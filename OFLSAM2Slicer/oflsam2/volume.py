@@ -298,14 +298,15 @@ class Annotation:
     explicit: bool = False  # slices named by the user (they may be empty)
 
 
-def _slices_with_labels(labels: np.ndarray, axis: int) -> np.ndarray:
+def slices_with_labels(labels: np.ndarray, axis: int) -> np.ndarray:
+    """Indices of the slices along ``axis`` that hold any non-zero voxel."""
     other = tuple(a for a in range(3) if a != axis)
     return np.flatnonzero(np.any(labels != 0, axis=other))
 
 
 def choose_axis(labels: np.ndarray) -> int:
     """The axis along which the annotation occupies the fewest slices (ties: lowest axis)."""
-    counts = [len(_slices_with_labels(labels, a)) for a in range(3)]
+    counts = [len(slices_with_labels(labels, a)) for a in range(3)]
     if max(counts) == 0:
         raise InputError("the label map is empty: paint the structure on at least one slice")
     return int(np.argmin(counts))
@@ -323,7 +324,7 @@ def find_annotated(
         raise InputError(f"slice axis must be auto, 0, 1 or 2, not {axis}")
     n = labels.shape[axis]
     if slices is None:
-        chosen = [int(s) for s in _slices_with_labels(labels, axis)]
+        chosen = [int(s) for s in slices_with_labels(labels, axis)]
         if not chosen:
             raise InputError("the label map is empty: paint the structure on at least one slice")
         explicit = False
@@ -335,7 +336,7 @@ def find_annotated(
         if not chosen:
             raise InputError("no annotated slice given")
         explicit = True
-        other = set(int(s) for s in _slices_with_labels(labels, axis)) - set(chosen)
+        other = set(int(s) for s in slices_with_labels(labels, axis)) - set(chosen)
         if other:
             raise InputError(
                 f"labels on slice(s) {sorted(other)[:10]} along axis {axis} are not in --slices: "
@@ -345,7 +346,7 @@ def find_annotated(
     for value in np.unique(labels):
         if value == 0:
             continue
-        per_segment[int(value)] = [int(s) for s in _slices_with_labels(labels == value, axis)]
+        per_segment[int(value)] = [int(s) for s in slices_with_labels(labels == value, axis)]
     if not per_segment:
         raise InputError("the label map is empty: paint the structure on at least one slice")
     return Annotation(axis, chosen, per_segment, explicit)

@@ -30,7 +30,7 @@ import slicer
 import vtk
 
 from oflsam2.errors import Cancelled, InputError
-from oflsam2.volume import Geometry, find_annotated
+from oflsam2.volume import Geometry, find_annotated, slices_with_labels
 
 Progress = Callable[[str, int, int], None]
 SegmenterFactory = Callable[["PropagationOptions"], Any]
@@ -370,11 +370,6 @@ def arrayAxisFor(orientation: str, ijkToRas: np.ndarray) -> int:
         normal = normal / max(np.linalg.norm(normal), 1e-12)
         scores.append(abs(normal[_RAS_ORIENTATION.index(orientation)]))
     return int(np.argmax(scores))
-
-
-def _occupied(mask: np.ndarray, axis: int) -> np.ndarray:
-    other = tuple(a for a in range(3) if a != axis)
-    return np.flatnonzero(np.any(mask, axis=other))
 
 
 def _take(array: np.ndarray, axis: int, index) -> tuple:
@@ -718,8 +713,8 @@ class OFLSAM2Logic:
             return current, None, []
         before = written.mask()
         axis = written.axis
-        changed = {int(t) for t in _occupied(before != current.astype(bool), axis)}
-        propagated = [int(t) for t in _occupied(before, axis) if int(t) not in written.annotated]
+        changed = {int(t) for t in slices_with_labels(before != current.astype(bool), axis)}
+        propagated = [int(t) for t in slices_with_labels(before, axis) if int(t) not in written.annotated]
         if propagated and all(t in changed for t in propagated):
             return current, None, []
         keep = sorted(set(written.annotated) | changed)
@@ -773,7 +768,7 @@ class OFLSAM2Logic:
 
         fits, misfits = [], []
         for sid, paint in paints.items():
-            occupied = [_occupied(paint, a) for a in range(3)]
+            occupied = [slices_with_labels(paint, a) for a in range(3)]
             counts = [len(o) for o in occupied]
             if _is_sliced(occupied[axis]) or counts[axis] <= min(counts):
                 fits.append(sid)
@@ -865,7 +860,7 @@ class OFLSAM2Logic:
             else:
                 if memory is not None:  # the axis changed: treat everything in the segment as paint
                     paints[sid] = originals[sid]
-                slices = [int(t) for t in _occupied(paints[sid], axis)]
+                slices = [int(t) for t in slices_with_labels(paints[sid], axis)]
             inside = [t for t in slices if lo <= t <= hi]
             if not any(paints[sid][_take(paints[sid], axis, t)].any() for t in inside):
                 where = (
@@ -1070,7 +1065,7 @@ class OFLSAM2Logic:
         written = {}
         for sid in plan.segmentIds:
             diff = new[sid] != plan.originals[sid]
-            written[sid] = len(_occupied(diff, plan.axis))
+            written[sid] = len(slices_with_labels(diff, plan.axis))
         return PropagationResult(
             segmentIds=list(plan.segmentIds),
             axis=plan.axis,
