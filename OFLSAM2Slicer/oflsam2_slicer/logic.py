@@ -714,7 +714,9 @@ class OFLSAM2Logic:
         before = written.mask()
         axis = written.axis
         changed = {int(t) for t in slices_with_labels(before != current.astype(bool), axis)}
-        propagated = [int(t) for t in slices_with_labels(before, axis) if int(t) not in written.annotated]
+        propagated = [
+            int(t) for t in slices_with_labels(before, axis) if int(t) not in written.annotated
+        ]
         if propagated and all(t in changed for t in propagated):
             return current, None, []
         keep = sorted(set(written.annotated) | changed)
