@@ -414,6 +414,12 @@ class OFLSegmenter:
         self._features(list(range(lo, hi + 1)), progress)
         total = (hi - lo + 1 - len([a for a in ann if lo <= a <= hi])) * 2 + 2 * self.stop_after + 2
         state = {"done": 0, "total": total, "since_update": 0, "updates": 0}
+        # Beyond the outermost painted slices walk at most half the mean gap between painted slices:
+        # painting that dense says no more about the structure's ends (and vertebrae look alike).
+        if len(painted) > 1:
+            state["max_beyond"] = max(2, int(np.ceil(0.5 * (hi - lo) / (len(painted) - 1))))
+        else:
+            state["max_beyond"] = self._n_slices()
         fwd = self._walk(seg, lo, +1, hi, plane, state, progress, cancel)
         bwd = self._walk(seg, hi, -1, lo, plane, state, progress, cancel)
         logits: dict[int, np.ndarray] = {}
@@ -454,7 +460,7 @@ class OFLSegmenter:
                 ref_area = float(np.count_nonzero(prev_mask)) or ref_area
                 t += step
                 continue
-            if beyond and absent >= self.stop_after:
+            if beyond and (absent >= self.stop_after or abs(t - inner_end) > state["max_beyond"]):
                 break
             if cancel is not None and cancel.is_set():
                 raise Cancelled("propagation was cancelled; nothing was written")
