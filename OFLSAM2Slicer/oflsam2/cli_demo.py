@@ -182,7 +182,7 @@ def draw_overview(path, image, sparse, result, truth, value, painted, d_ofl, d_f
         "(unpainted slices)\nyellow: painted   red dashed: oflsam2   blue: ground truth",
         fontsize=11,
     )
-    fig.tight_layout()
+    fig.tight_layout(h_pad=1.6)
     tmp = Path(path).with_name(".overview.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
