@@ -44,7 +44,7 @@ def synthetic():
 def run(synthetic):
     img, truth, sparse = synthetic
     seg = OFLSegmenter(
-        backbone="sam2", random_init=True, device="cpu", image_size=SIZE, fit_steps=25, seed=0
+        backbone="sam2", random_init=True, device="cpu", image_size=SIZE, fit_steps=60, seed=0
     )
     seg.set_volume(img)
     seg.fit(sparse)
