@@ -119,3 +119,17 @@ def test_labels_errors_name_the_file(tmp_path):
     with pytest.raises(InputError) as exc:
         volume.read_labels(bad)
     assert str(bad) in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_listing_into_a_closed_pipe_is_not_an_error():
+    """`oflsam2 weights list | head -1` used to end with 'internal error: BrokenPipeError'."""
+    exe = str(Path(sys.executable).with_name("oflsam2"))
+    for _ in range(6):
+        proc = subprocess.run(
+            f"'{exe}' weights list | head -c 10 >/dev/null",
+            shell=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "internal error" not in proc.stderr

@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     except Cancelled as exc:
         print(f"oflsam2: cancelled: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `oflsam2 weights list | head`: the reader left, nothing is wrong
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("oflsam2: interrupted; nothing was written", file=sys.stderr)
         return 130
