@@ -231,9 +231,7 @@ class OFLSegmenter:
             raise InputError(
                 f"labels {sparse.shape} and volume {self._array.shape} differ in shape"
             )
-        if sparse.dtype.kind == "f" or sparse.min() < 0 or sparse.max() > 255:
-            sparse = vol._as_labels(sparse, "labels")
-        sparse = sparse.astype(np.uint8, copy=False)
+        sparse = vol.as_labels(sparse, "labels")
         ann = vol.find_annotated(sparse, axis, slices)
         t0 = time.perf_counter()
         enc0 = self.encode_seconds
@@ -335,15 +333,8 @@ class OFLSegmenter:
                 continue  # a box-prompted model cannot learn "absent" through its decoder
             f, hires = self._get(a)
             p = self._memory(f, a, self._cond_bank(value, exclude=a), reverse=False)
-            out.append(
-                Sample(
-                    f[0].to("cpu", torch.float16),
-                    p[0].to("cpu", torch.float16),
-                    [h[0].to("cpu", torch.float16) for h in hires],
-                    self._target(mask, self.backbone.mask_size),
-                    box if not self.backbone.has_memory else None,
-                )
-            )
+            target = self._target(mask, self.backbone.mask_size)
+            out.append(_sample(f, p, hires, target, box if not self.backbone.has_memory else None))
         return out
 
     # ---------------------------------------------------------------- propagate
@@ -408,7 +399,6 @@ class OFLSegmenter:
     def _propagate_segment(self, seg: _Segment, plane: tuple[int, int], progress, cancel):
         ann = self.annotation.slices
         value = seg.value
-        self._n_slices()
         painted = [a for a in ann if np.any(self._slice(self._sparse, a) == value)]
         lo, hi = painted[0], painted[-1]
         self._features(list(range(lo, hi + 1)), progress)
@@ -448,8 +438,8 @@ class OFLSegmenter:
         out: dict[int, tuple[np.ndarray, float]] = {}
         absent = 0
         prev_mask: np.ndarray | None = self._slice(self._sparse, start) == value
-        ref_area = float(np.count_nonzero(prev_mask))
-        ref_coarse = None
+        # Presence yardstick of box-prompted backbones, from the learner as this walk starts.
+        ref_coarse = None if self.backbone.has_memory else self._coarse_ref(seg, value)
         t = start + step
         while 0 <= t < n:
             beyond = (t - inner_end) * step > 0
@@ -457,7 +447,6 @@ class OFLSegmenter:
                 if beyond:
                     break  # an annotated slice beyond the painted range says where the structure is not
                 prev_mask = self._slice(self._sparse, t) == value
-                ref_area = float(np.count_nonzero(prev_mask)) or ref_area
                 t += step
                 continue
             if beyond and (absent >= self.stop_after or abs(t - inner_end) > state["max_beyond"]):
@@ -482,8 +471,6 @@ class OFLSegmenter:
                         )
                 else:
                     dec = self.backbone.decode(fused, hires)
-            if ref_coarse is None:
-                ref_coarse = self._coarse_ref(seg, value)
             if dec is None:
                 logits_small = torch.full((self.backbone.mask_size,) * 2, -20.0)
                 confidence, present = 1.0, False
@@ -507,15 +494,8 @@ class OFLSegmenter:
                 bank["non_cond_frame_outputs"].pop(old, None)
             absent = 0 if present else absent + 1
             if self.online and present and confidence >= self.gamma:
-                seg.buffer.append(
-                    Sample(
-                        f[0].to("cpu", torch.float16),
-                        p[0].to("cpu", torch.float16),
-                        [h[0].to("cpu", torch.float16) for h in hires],
-                        (torch.sigmoid(logits_small)[None] > 0.5).float(),
-                        box.cpu() if box is not None else None,
-                    )
-                )
+                target = (torch.sigmoid(logits_small)[None] > 0.5).float()
+                seg.buffer.append(_sample(f, p, hires, target, box))
                 seg.buffer = seg.buffer[-16:]
                 state["since_update"] += 1
                 if state["since_update"] >= self.online_every:
@@ -642,6 +622,17 @@ class OFLSegmenter:
                 v, learner, torch.optim.Adam(learner.parameters(), lr=1e-3)
             )
         return meta
+
+
+def _sample(f, p, hires, target, box) -> Sample:
+    """A training slice as the buffers keep it: float16 on the CPU."""
+    return Sample(
+        f[0].to("cpu", torch.float16),
+        p[0].to("cpu", torch.float16),
+        [h[0].to("cpu", torch.float16) for h in hires],
+        target,
+        box.cpu() if box is not None else None,
+    )
 
 
 def _confidence(logits: torch.Tensor, iou: torch.Tensor, random_weights: bool) -> float:

@@ -195,7 +195,8 @@ def check_same_grid(reference: Geometry, other: Geometry, what: str = "label map
         )
 
 
-def _as_labels(array: np.ndarray, what: str) -> np.ndarray:
+def as_labels(array: np.ndarray, what: str) -> np.ndarray:
+    """The label array as uint8, or one clear error for non-integer or out-of-range values."""
     if array.dtype.kind == "f" and (
         not np.all(np.isfinite(array)) or np.any(array != np.round(array))
     ):
@@ -220,7 +221,7 @@ def read_labels(path: str | os.PathLike, reference: Geometry | None = None) -> L
 
         image, _ = _read_sitk(p, "label map")
         labels = LabelMap(
-            _as_labels(sitk.GetArrayFromImage(image), f"label map {p}"), Geometry.from_sitk(image)
+            as_labels(sitk.GetArrayFromImage(image), f"label map {p}"), Geometry.from_sitk(image)
         )
     if reference is not None:
         labels = _pad_to_grid(labels, reference, p)
@@ -429,7 +430,7 @@ def write_labels(
         raise InputError(f"output folder {path.parent} does not exist: create it first")
     if path.is_dir():
         raise InputError(f"output {path} is a folder: give a file name such as result.nrrd")
-    labels = _as_labels(np.asarray(array), "output")
+    labels = as_labels(np.asarray(array), "output")
     tmp = _atomic_target(path)
     try:
         if str(path).lower().endswith(SEG_SUFFIX):
