@@ -10,9 +10,12 @@ import torch
 
 from oflsam2.errors import Cancelled, InputError
 from oflsam2.metrics import dice
+from oflsam2.progress import FIT, PROPAGATE, ProgressEvent
 from oflsam2.segmenter import OFLSegmenter
+from oflsam2.settings import Settings
 
 SIZE = 256  # smallest SAM2 input the configs allow; mechanics only
+RANDOM_SAM2 = Settings(backbone="sam2", random_init=True, device="cpu", image_size=SIZE)
 
 
 def ellipsoid(shape, centre, radii):
@@ -43,14 +46,12 @@ def synthetic():
 @pytest.fixture(scope="module")
 def run(synthetic):
     img, truth, sparse = synthetic
-    seg = OFLSegmenter(
-        backbone="sam2", random_init=True, device="cpu", image_size=SIZE, fit_steps=60, seed=0
-    )
+    seg = OFLSegmenter(RANDOM_SAM2.replace(fit_steps=60, seed=0))
     seg.set_volume(img)
     seg.fit(sparse)
     calls_after_fit = seg.encoder_calls
     stages = []
-    result = seg.propagate(progress=lambda stage, done, total: stages.append((stage, done, total)))
+    result = seg.propagate(progress=stages.append)
     return seg, result, calls_after_fit, stages
 
 
@@ -80,9 +81,11 @@ def test_each_slice_encoded_once_and_progress_reported(synthetic, run):
     seg, result, calls_after_fit, stages = run
     assert calls_after_fit == 3  # fitting needs only the annotated slices
     assert seg.encoder_calls == len(seg._cache) <= synthetic[0].shape[0]
-    assert any(s.startswith("propagate segment 1") for s, _, _ in stages)
-    done = [d for s, d, t in stages if s == "propagate segment 1"]
-    assert done == sorted(done)
+    assert all(isinstance(e, ProgressEvent) for e in stages)
+    assert {e.segment for e in stages if e.stage == PROPAGATE} == {1, 2}
+    assert FIT not in {e.stage for e in stages}  # propagate() does not fit
+    done = [e.done for e in stages if e.stage == PROPAGATE and e.segment == 1]
+    assert done == sorted(done) and done[-1] <= stages[-1].total
 
 
 def test_learner_loss_falls(run):
@@ -112,8 +115,8 @@ def test_cancel_raises_and_returns_nothing(synthetic, run):
     seg = run[0]
     cancel = threading.Event()
 
-    def progress(stage, done, total):
-        if stage.startswith("propagate") and done >= 2:
+    def progress(event: ProgressEvent) -> None:
+        if event.stage == PROPAGATE and event.done >= 2:
             cancel.set()
 
     seg.fit(sparse)
@@ -122,7 +125,7 @@ def test_cancel_raises_and_returns_nothing(synthetic, run):
 
 
 def test_random_weights_object_score_does_not_cut_gradients_or_output():
-    seg = OFLSegmenter(backbone="sam2", random_init=True, device="cpu", image_size=SIZE)
+    seg = OFLSegmenter(RANDOM_SAM2)
     bb = seg.backbone
     x = bb.prepare(np.random.default_rng(1).random((1, 40, 40), dtype=np.float32))
     enc = bb.encode(x)
@@ -136,7 +139,7 @@ def test_random_weights_object_score_does_not_cut_gradients_or_output():
 
 
 def test_frozen_backbone_has_no_trainable_parameters():
-    seg = OFLSegmenter(backbone="sam2", random_init=True, device="cpu", image_size=SIZE)
+    seg = OFLSegmenter(RANDOM_SAM2)
     assert not any(p.requires_grad for p in seg.backbone.net.parameters())
     from oflsam2.learner import Learner, count_parameters
 
@@ -159,7 +162,7 @@ def test_fusion_starts_close_to_sam2():
 
 def test_bad_inputs_are_input_errors(synthetic, monkeypatch):
     img, _, sparse = synthetic
-    seg = OFLSegmenter(backbone="sam2", random_init=True, device="cpu", image_size=SIZE)
+    seg = OFLSegmenter(RANDOM_SAM2)
     with pytest.raises(InputError, match="3D"):
         seg.set_volume(img[0])
     seg.set_volume(img)
@@ -169,7 +172,7 @@ def test_bad_inputs_are_input_errors(synthetic, monkeypatch):
         seg.fit(sparse[:, :10])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(InputError, match="no CUDA GPU"):
-        OFLSegmenter(backbone="sam2", random_init=True, device="cuda")
+        OFLSegmenter(RANDOM_SAM2.replace(device="cuda"))
 
 
 def test_learner_file_round_trip_without_pickle(tmp_path, run):
@@ -178,7 +181,7 @@ def test_learner_file_round_trip_without_pickle(tmp_path, run):
     seg.save_learner(path)
     data = np.load(path, allow_pickle=False)  # would fail on pickled objects
     assert "__meta__" in data.files
-    other = OFLSegmenter(backbone="sam2", random_init=True, device="cpu", image_size=SIZE)
+    other = OFLSegmenter(RANDOM_SAM2)
     meta = other.load_learner_state(path)
     assert meta["segments"] == [1, 2]
     for v in (1, 2):

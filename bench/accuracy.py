@@ -193,11 +193,12 @@ def run_engine(method: str):
 
     def run(cases, array, geometry, spacing_kji, device):
         from oflsam2.segmenter import OFLSegmenter
+        from oflsam2.settings import Settings
 
         def one(case: Case) -> np.ndarray:
             # A fresh segmenter per case: fit() warm-starts a segment's learner on a second
             # call, which would leak the previous case's painted slices into this one.
-            seg = OFLSegmenter(device=device, image_size=512, seed=0, **kwargs)
+            seg = OFLSegmenter(Settings(device=device, image_size=512, seed=0, **kwargs))
             seg.set_volume(array, geometry, modality=None)
             seg.fit(case.sparse, slices=case.slices, axis=AXIS)
             return seg.propagate().labels

@@ -115,9 +115,10 @@ def _state_from_tensor(net, images: torch.Tensor, side: int) -> dict:
 
 def run_ofl(img, sparse, size: int, online: bool):
     from oflsam2.segmenter import OFLSegmenter
+    from oflsam2.settings import Settings
 
     seg = OFLSegmenter(
-        backbone="sam2", random_init=True, device="cpu", image_size=size, online=online
+        Settings(backbone="sam2", random_init=True, device="cpu", image_size=size, online=online)
     )
     seg.set_volume(img)
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .settings import DEFAULTS
 
 DEFAULT_SEGMENT = "right lung"
 K = 3
@@ -44,7 +45,7 @@ def pick_backbone() -> tuple[str, str]:
     """SAM2 when its checkpoint is cached, else LiteMedSAM (bundled); with the reason."""
     from . import weights
 
-    name = "sam2.1_hiera_tiny"
+    name = DEFAULTS.model
     if weights.status(name) in ("cached", "unverified"):
         return "sam2", f"SAM2.1 tiny checkpoint found in {weights.cache_dir()}"
     return (
@@ -62,6 +63,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .cli_segment import ProgressBars
     from .metrics import dice
     from .segmenter import OFLSegmenter
+    from .settings import Settings
 
     t0 = time.perf_counter()
     out = Path(args.output)
@@ -92,7 +94,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     bars = ProgressBars(args.quiet)
     try:
-        seg = OFLSegmenter(backbone=backbone, device=args.device, image_size=1024)
+        seg = OFLSegmenter(Settings(backbone=backbone, device=args.device))
         seg.set_volume(image.array, image.geometry, image.modality)
         seg.fit(sparse, axis=axis, progress=bars)
         result = seg.propagate(progress=bars)

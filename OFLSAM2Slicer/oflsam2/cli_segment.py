@@ -10,24 +10,27 @@ import time
 from pathlib import Path
 
 from .errors import InputError
+from .progress import ProgressEvent
+from .settings import BACKBONES, DEFAULTS, DEVICES, IMAGE_SIZES, ROI_MODES, Settings
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by every command that runs the engine."""
-    p.add_argument("--backbone", choices=["sam2", "litemedsam"], default="sam2")
+    """Options shared by every command that runs the engine; defaults come from Settings."""
+    d = DEFAULTS
+    p.add_argument("--backbone", choices=list(BACKBONES), default=d.backbone)
     p.add_argument(
         "--model",
-        default="sam2.1_hiera_tiny",
+        default=d.model,
         help="SAM2 weights name (see `oflsam2 weights list`)",
     )
-    p.add_argument("--checkpoint", help="a SAM2 checkpoint file instead of the cached weights")
+    p.add_argument("--checkpoint", help="a checkpoint file instead of the cached weights")
     p.add_argument(
         "--random-init",
         action="store_true",
         help="SAM2 with RANDOM weights: for speed and tests only",
     )
-    p.add_argument("--image-size", type=int, choices=[512, 1024], default=1024)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--image-size", type=int, choices=list(IMAGE_SIZES), default=d.image_size)
+    p.add_argument("--device", default=d.device, choices=list(DEVICES))
     p.add_argument(
         "--no-online",
         action="store_true",
@@ -36,18 +39,34 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gamma",
         type=float,
-        default=0.9,
+        default=d.gamma,
         help="confidence a prediction needs to join online training",
     )
     p.add_argument(
         "--fit-steps", type=int, help="training steps on the painted slices (default: by speed)"
     )
-    p.add_argument("--roi", choices=["auto", "none"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--roi", choices=list(ROI_MODES), default=d.roi)
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
         "--json", metavar="REPORT.json", help="write timings, counts, backbone and device here"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings(
+        backbone=args.backbone,
+        model=args.model,
+        checkpoint=args.checkpoint,
+        random_init=args.random_init,
+        device=args.device,
+        image_size=args.image_size,
+        online=not args.no_online,
+        gamma=args.gamma,
+        roi=args.roi,
+        seed=args.seed,
+        fit_steps=args.fit_steps,
+    )
 
 
 def register(sub) -> None:
@@ -99,11 +118,12 @@ class ProgressBars:
         self.stage = None
         self.bar = None
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, event: ProgressEvent) -> None:
         if self.quiet:
             return
         from tqdm import tqdm
 
+        stage, done, total = event.label(), event.done, event.total
         if stage != self.stage:
             self.close()
             self.stage = stage
@@ -130,14 +150,9 @@ def available_memory() -> int | None:
     return None
 
 
-def check_memory(n_slices: int, image_size: int, backbone: str) -> None:
+def check_memory(n_slices: int, bytes_per_slice: int, image_size: int) -> None:
     """Refuse up front what cannot fit, rather than dying half way."""
-    if backbone == "litemedsam":
-        per_slice = 256 * 64 * 64 * 2
-    else:
-        h = image_size // 16
-        per_slice = (256 * h * h + 32 * (4 * h) ** 2 + 64 * (2 * h) ** 2) * 2
-    need = n_slices * per_slice + 1.5e9
+    need = n_slices * bytes_per_slice + 1.5e9
     avail = available_memory()
     if avail is not None and need > 0.9 * avail:
         raise InputError(
@@ -145,22 +160,6 @@ def check_memory(n_slices: int, image_size: int, backbone: str) -> None:
             f"{image_size}, but {avail / 2**30:.1f} GiB is free: use --image-size 512, crop the image, "
             "or free memory"
         )
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return {
-        "backbone": args.backbone,
-        "model": args.model,
-        "checkpoint": args.checkpoint,
-        "random_init": args.random_init,
-        "device": args.device,
-        "image_size": args.image_size,
-        "online": not args.no_online,
-        "gamma": args.gamma,
-        "roi": args.roi,
-        "seed": args.seed,
-        "fit_steps": args.fit_steps,
-    }
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -174,10 +173,7 @@ def run_segment(args: argparse.Namespace) -> int:
             )
     if not out.parent.exists():
         raise InputError(f"output folder {out.parent} does not exist: create it first")
-    if args.backbone == "litemedsam" and args.random_init:
-        raise InputError(
-            "--random-init applies to SAM2 only; LiteMedSAM always uses its bundled weights"
-        )
+    settings = settings_from_args(args)
     slices = parse_slices(args.slices)
     axis = args.axis if args.axis == "auto" else int(args.axis)
     timings: dict[str, float] = {}
@@ -186,13 +182,17 @@ def run_segment(args: argparse.Namespace) -> int:
     labels = vol.read_labels(args.labels, image.geometry)
     ann = vol.find_annotated(labels.array, axis, slices)
     timings["load"] = time.perf_counter() - t0
-    check_memory(image.array.shape[ann.axis], args.image_size, args.backbone)
-    if args.random_init and not args.quiet:
+    from .segmenter import OFLSegmenter
+
+    seg = OFLSegmenter(settings)
+    bb = seg.backbone
+    check_memory(image.array.shape[ann.axis], bb.bytes_per_slice(), bb.input_size)
+    if bb.random_weights and not args.quiet:
         print(
             "oflsam2: WARNING: SAM2 has RANDOM WEIGHTS; the result is meaningless (speed/tests only)",
             file=sys.stderr,
         )
-    result, seg = segment_arrays(image, labels.array, ann, args)
+    result = segment_arrays(seg, image, labels.array, ann, args.quiet)
     timings.update(result.timings)
     t1 = time.perf_counter()
     vol.write_labels(out, result.labels, image.geometry, labels.names, labels.colors)
@@ -211,18 +211,15 @@ def run_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def segment_arrays(image, sparse, ann, args):
-    from .segmenter import OFLSegmenter
-
-    bars = ProgressBars(args.quiet)
+def segment_arrays(seg, image, sparse, ann, quiet: bool):
+    bars = ProgressBars(quiet)
     try:
-        seg = OFLSegmenter(**engine_kwargs(args))
         seg.set_volume(image.array, image.geometry, image.modality)
         seg.fit(sparse, ann.slices if ann.explicit else None, ann.axis, progress=bars)
         result = seg.propagate(progress=bars)
     finally:
         bars.close()
-    return result, seg
+    return result
 
 
 def make_report(args, image, result, seg, timings: dict) -> dict:
@@ -253,9 +250,9 @@ def make_report(args, image, result, seg, timings: dict) -> dict:
         "device": str(bb.device),
         "torch": torch.__version__,
         "machine": platform.machine(),
-        "online_learning": seg.online,
+        "online_learning": seg.settings.online,
         "online_updates": result.online_updates,
-        "gamma": seg.gamma,
+        "gamma": seg.settings.gamma,
         "roi": None
         if seg.roi is None
         else {"r0": seg.roi.r0, "c0": seg.roi.c0, "side": seg.roi.side},

@@ -44,10 +44,6 @@ class Learner(nn.Module):
         self.mapping = MappingNet(channels)
         self.fusion = AdaptiveFusion(channels)
 
-    @staticmethod
-    def coarse_size(f: torch.Tensor) -> tuple[int, int]:
-        return (f.shape[-2], f.shape[-1])
-
     def forward(self, f: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused features for the decoder and the coarse target logits."""
         t, coarse = self.mapping(f)

@@ -73,3 +73,16 @@ def compute_roi(
     if side <= w:
         c0 = min(max(c0, 0), w - side)
     return Roi(r0, c0, side)
+
+
+def mask_box(
+    mask2d: np.ndarray, grow: float = 0.0, pad: float = 0.0
+) -> tuple[float, float, float, float] | None:
+    """xyxy box (pixel edges) of a 2D mask, each side moved out by ``grow`` x extent + ``pad``."""
+    rows, cols = np.nonzero(mask2d)
+    if rows.size == 0:
+        return None
+    x0, x1 = cols.min(), cols.max() + 1
+    y0, y1 = rows.min(), rows.max() + 1
+    gx, gy = grow * (x1 - x0) + pad, grow * (y1 - y0) + pad
+    return (x0 - gx, y0 - gy, x1 + gx, y1 + gy)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,13 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from . import volume as vol
-from .backbones import build_backbone
+from .backbones import Backbone, build_backbone
+from .backbones.base import NOT_DECODED_LOGIT, Prediction, Tracker
 from .errors import Cancelled, InputError
 from .learner import Learner
-from .roi import Roi, compute_roi
+from .progress import ENCODE, FIT, PROPAGATE, Progress, ProgressEvent
+from .roi import Roi, compute_roi, mask_box
+from .settings import DEFAULTS, Settings
 from .training import Sample, train_steps
-
-Progress = Callable[[str, int, int], None]
 
 LEARNER_FORMAT = "oflsam2-learner-1"
 
@@ -39,9 +39,7 @@ class Result:
     annotated: list[int]
     timings: dict[str, float] = field(default_factory=dict)
     encoded_slices: int = 0  # slices encoded by this call (cache misses)
-    predicted_slices: dict[int, list[int]] = field(
-        default_factory=dict
-    )  # segment -> slices predicted
+    predicted_slices: dict[int, list[int]] = field(default_factory=dict)  # segment -> slices
     voxels: dict[int, int] = field(default_factory=dict)  # segment -> voxel count
     losses: dict[int, list[float]] = field(default_factory=dict)  # segment -> fit losses
     online_updates: int = 0
@@ -52,11 +50,58 @@ class _Segment:
     value: int
     learner: Learner
     optimizer: torch.optim.Optimizer
+    tracker: Tracker | None = None  # made at fit, from the painted slices
     buffer: list[Sample] = field(default_factory=list)
-    anchors: list[Sample] = field(
-        default_factory=list
-    )  # the annotated slices, always in online batches
+    anchors: list[Sample] = field(default_factory=list)  # painted slices, in every online batch
     losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Walk:
+    """Counters shared by the two walks of one segment."""
+
+    total: int
+    max_beyond: int  # slices a walk may go beyond the outermost painted slice
+    done: int = 0
+    since_update: int = 0
+    updates: int = 0
+
+
+class _View:
+    """One segment of the segmenter's volume, as its tracker sees it (:class:`SegmentView`)."""
+
+    def __init__(self, owner: OFLSegmenter, value: int) -> None:
+        self._owner = owner
+        self.value = value
+        self.annotated = list(owner.annotation.slices)
+        self.n_slices = owner._n_slices()
+
+    def features(self, t: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self._owner._get(t)
+
+    def painted(self, t: int) -> np.ndarray:
+        return self._owner._slice(self._owner._sparse, t) == self.value
+
+    def target(self, mask2d: np.ndarray, size: int) -> torch.Tensor:
+        return self._owner._target(mask2d, size)
+
+    def box(self, mask2d: np.ndarray) -> torch.Tensor | None:
+        return self._owner._box(mask2d)
+
+    def interpolated(self, t: int) -> np.ndarray:
+        """Shape between the two nearest annotated slices by signed-distance interpolation."""
+        a = max(x for x in self.annotated if x < t)
+        b = min(x for x in self.annotated if x > t)
+        w = (t - a) / float(b - a)
+        return (1 - w) * _sdf(self.painted(a)) + w * _sdf(self.painted(b)) < 0
+
+
+def _sdf(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    if not mask.any():
+        return np.full(mask.shape, 1e3)
+    return ndimage.distance_transform_edt(~mask) - ndimage.distance_transform_edt(mask)
 
 
 class OFLSegmenter:
@@ -64,73 +109,30 @@ class OFLSegmenter:
 
     ``set_volume`` (lazy: nothing is encoded yet), ``fit`` (trains one learner per
     segment on the annotated slices), ``propagate`` (walks out from the annotated
-    slices with the backbone's memory, fusing learned target features, updating the
+    slices with the backbone's tracker, fusing learned target features, updating the
     learner online). Calling ``fit`` + ``propagate`` again after a correction reuses the
     feature cache and warm-starts the learners.
     """
 
-    def __init__(
-        self,
-        backbone: str = "sam2",
-        model: str = "sam2.1_hiera_tiny",
-        checkpoint: str | None = None,
-        random_init: bool = False,
-        device: str = "auto",
-        image_size: int = 1024,
-        online: bool = True,
-        gamma: float = 0.9,
-        roi: str = "auto",
-        seed: int = 0,
-        fit_steps: int | None = None,
-        stop_after: int = 3,
-        online_every: int = 4,
-        online_steps: int = 2,
-        prior: str | None = None,
-    ) -> None:
-        if roi not in ("auto", "none"):
-            raise InputError(f"--roi must be auto or none, not {roi!r}")
-        if not 0.0 < gamma < 1.0:
-            raise InputError(f"gamma must lie between 0 and 1, not {gamma}")
-        self.backbone_name = backbone
-        self.backbone = build_backbone(
-            backbone,
-            model=model,
-            checkpoint=checkpoint,
-            random_init=random_init,
-            device=device,
-            image_size=image_size,
-        )
-        self.online = online
-        self.gamma = gamma
-        self.roi_mode = roi
-        self.seed = seed
-        self.fit_steps = fit_steps
-        self.stop_after = stop_after
-        self.online_every = online_every
-        self.online_steps = online_steps
-        # Interpolation prior between painted slices: where it was measured to win (see bench/accuracy.py).
-        self.prior = (
-            prior if prior is not None else ("interp" if not self.backbone.has_memory else "none")
-        )
+    def __init__(self, settings: Settings = DEFAULTS) -> None:
+        self.settings = settings
+        self.backbone: Backbone = build_backbone(settings)
         self.encoder_calls = 0
         self._array: np.ndarray | None = None
         self.geometry: vol.Geometry | None = None
         self.modality: str | None = None
         self._cache: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self._cache_key: tuple | None = None
-        self._cond_cache: dict[
-            int, dict[int, dict]
-        ] = {}  # segment -> annotated slice -> SAM2 memory
         self._segments: dict[int, _Segment] = {}
         self._sparse: np.ndarray | None = None
         self.annotation: vol.Annotation | None = None
         self.window: tuple[float, float] | None = None
         self.roi: Roi | None = None
-        self._gen = torch.Generator().manual_seed(seed)
+        self._gen = torch.Generator().manual_seed(settings.seed)
         self.fit_seconds = 0.0
         self.encode_seconds = 0.0  # all encoding so far; fit and propagate timings exclude it
         self._fit_encode_seconds = 0.0
-        torch.manual_seed(seed)
+        torch.manual_seed(settings.seed)
 
     # ---------------------------------------------------------------- volume
     def set_volume(
@@ -146,7 +148,6 @@ class OFLSegmenter:
             raise InputError(f"geometry {geometry.shape} does not match the array {array.shape}")
         if array is not self._array:
             self._cache.clear()
-            self._cond_cache.clear()
             self._cache_key = None
             self._segments.clear()
             self.window = None
@@ -170,7 +171,7 @@ class OFLSegmenter:
         todo = [t for t in slices if t not in self._cache]
         t0 = time.perf_counter()
         bb = self.backbone
-        batch = max(1, getattr(bb, "encode_batch", 4))
+        batch = max(1, bb.encode_batch)
         for start in range(0, len(todo), batch):
             chunk = todo[start : start + batch]
             imgs = np.stack([self.roi.crop(self._window_slice(t)) for t in chunk])
@@ -182,7 +183,7 @@ class OFLSegmenter:
                 )
             self.encoder_calls += len(chunk)
             if progress is not None:
-                progress("encode", min(start + batch, len(todo)), len(todo))
+                progress(ProgressEvent(ENCODE, None, min(start + batch, len(todo)), len(todo)))
         self.encode_seconds += time.perf_counter() - t0
 
     def _get(self, t: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -194,17 +195,12 @@ class OFLSegmenter:
         crop = torch.from_numpy(self.roi.crop(mask2d.astype(np.float32)))[None, None]
         return F.interpolate(crop, size=(size, size), mode="area")[0]
 
-    def _box(self, mask2d: np.ndarray, enlarge: float = 0.05) -> torch.Tensor | None:
+    def _box(self, mask2d: np.ndarray) -> torch.Tensor | None:
         """Prompt box (input pixels, xyxy) of a full-slice mask, slightly enlarged."""
-        crop = self.roi.crop(mask2d.astype(bool))
-        rows, cols = np.nonzero(crop)
-        if rows.size == 0:
+        box = mask_box(self.roi.crop(mask2d.astype(bool)), self.settings.box_enlarge, pad=1)
+        if box is None:
             return None
-        s = self.backbone.input_size / float(self.roi.side)
-        x0, x1 = cols.min(), cols.max() + 1
-        y0, y1 = rows.min(), rows.max() + 1
-        pad_x, pad_y = enlarge * (x1 - x0) + 1, enlarge * (y1 - y0) + 1
-        box = np.array([x0 - pad_x, y0 - pad_y, x1 + pad_x, y1 + pad_y]) * s
+        box = np.asarray(box, dtype=float) * (self.backbone.input_size / float(self.roi.side))
         return torch.tensor(np.clip(box, 0, self.backbone.input_size), dtype=torch.float32)
 
     def _to_slice(self, logits: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
@@ -212,7 +208,7 @@ class OFLSegmenter:
         up = F.interpolate(
             logits[None, None].float(), size=(self.roi.side, self.roi.side), mode="bilinear"
         )
-        return self.roi.paste(up[0, 0].numpy(), shape, fill=-20.0)
+        return self.roi.paste(up[0, 0].numpy(), shape, fill=NOT_DECODED_LOGIT)
 
     # ---------------------------------------------------------------- fit
     def fit(
@@ -237,104 +233,80 @@ class OFLSegmenter:
         enc0 = self.encode_seconds
         self.annotation = ann
         self._sparse = sparse
-        painted = np.any(sparse > 0, axis=ann.axis)
-        window = self.window or vol.intensity_window(self._array, self.modality, sparse > 0)
-        roi = self.roi
-        if roi is None or not roi.contains(painted):
-            roi = compute_roi(painted, self.roi_mode)
-        key = (ann.axis, roi, window)
-        self._cond_cache.clear()  # the annotated masks may have changed
-        if key != self._cache_key:
-            self._cache.clear()
-            self._segments.clear()
-        self._cache_key, self.roi, self.window = key, roi, window
+        self._place(sparse, ann.axis)
         self._features(ann.slices, progress)
         for value in ann.per_segment:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("fitting was cancelled")
-            seg = self._segments.get(value)
-            warm = seg is not None
-            if seg is None:
-                learner = Learner(self.backbone.embed_shape[0]).to(self.backbone.device)
-                seg = _Segment(value, learner, torch.optim.Adam(learner.parameters(), lr=1e-3))
-                self._segments[value] = seg
-            samples = seg.anchors = self._annotated_samples(value)
-            if not samples:
-                continue
-            steps = self.fit_steps or self._default_steps()
-            if warm:
-                steps = max(10, steps // 3)
-
-            def prog(done: int, total: int, v: int = value) -> None:
-                if progress is not None:
-                    progress(f"fit segment {v}", done, total)
-
-            seg.losses = train_steps(
-                seg.learner,
-                self.backbone,
-                seg.optimizer,
-                samples,
-                steps,
-                self._gen,
-                decoder_every=self._decoder_every(),
-                cancel=cancel,
-                progress=prog,
-            )
-            seg.buffer.clear()
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("fitting was cancelled")
+            _check(cancel, "fitting was cancelled")
+            self._fit_segment(value, progress, cancel)
+            _check(cancel, "fitting was cancelled")
         for value in list(self._segments):
             if value not in ann.per_segment:
                 del self._segments[value]
         self.fit_seconds = time.perf_counter() - t0 - (self.encode_seconds - enc0)
         self._fit_encode_seconds = self.encode_seconds - enc0
 
-    def _default_steps(self) -> int:
-        # Measured on 2 idle CPU cores: a frozen SAM2 decoder step on 4 slices takes ~0.12 s at 512 and
-        # ~0.6 s at 1024; LiteMedSAM's decoder (64 x 64 tokens, 256 x 256 masks) sits in between.
-        if self.backbone.device.type != "cpu":
-            return 150
-        if not self.backbone.has_memory:
-            return 60
-        return 80 if self.backbone.input_size <= 512 else 45
+    def _place(self, sparse: np.ndarray, axis: int) -> None:
+        """Window and crop for this painting; a change of either (or of the axis) empties the cache."""
+        painted = np.any(sparse > 0, axis=axis)
+        window = self.window or vol.intensity_window(self._array, self.modality, sparse > 0)
+        roi = self.roi
+        if roi is None or not roi.contains(painted):
+            s = self.settings
+            roi = compute_roi(painted, s.roi, s.roi_margin, s.roi_min_pad)
+        key = (axis, roi, window)
+        if key != self._cache_key:
+            self._cache.clear()
+            self._segments.clear()
+        self._cache_key, self.roi, self.window = key, roi, window
 
-    def _decoder_every(self) -> int:
-        """Box-prompted models lean on the coarse head (presence, box), which trains without the decoder."""
-        return 1 if self.backbone.has_memory else 3
+    def _fit_segment(
+        self, value: int, progress: Progress | None, cancel: threading.Event | None
+    ) -> None:
+        s = self.settings
+        seg = self._segments.get(value)
+        warm = seg is not None
+        if seg is None:
+            learner = Learner(self.backbone.embed_shape[0]).to(self.backbone.device)
+            optimizer = torch.optim.Adam(learner.parameters(), lr=s.learning_rate)
+            seg = self._segments[value] = _Segment(value, learner, optimizer)
+        seg.tracker = self.backbone.tracker(s, _View(self, value))
+        seg.tracker.condition()
+        samples = seg.anchors = self._annotated_samples(seg)
+        if not samples:
+            return
+        steps = s.fit_steps or self.backbone.default_fit_steps()
+        if warm:
+            steps = max(s.warm_min_steps, steps // s.warm_divisor)
 
-    def _cond_bank(self, value: int, exclude: int | None = None) -> dict:
-        """SAM2 memory bank holding the annotated slices (their masks) as conditioning frames."""
-        bank = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
-        if not self.backbone.has_memory:
-            return bank
-        cache = self._cond_cache.setdefault(value, {})
-        s = self.backbone.input_size
-        for a in self.annotation.slices:
-            if a == exclude:
-                continue
-            if a not in cache:
-                f, hires = self._get(a)
-                mask = self._target(self._slice(self._sparse, a) == value, s)[None]
-                cache[a] = self.backbone.memory_from_mask(f, hires, (mask > 0.5).float())
-            bank["cond_frame_outputs"][a] = cache[a]
-        return bank
+        def report(done: int, total: int) -> None:
+            if progress is not None:
+                progress(ProgressEvent(FIT, value, done, total))
 
-    def _memory(self, f: torch.Tensor, t: int, bank: dict, reverse: bool) -> torch.Tensor:
-        if not self.backbone.has_memory:
-            return f
-        return self.backbone.memory_features(f, t, bank, self._n_slices(), reverse)
+        seg.losses = train_steps(
+            seg.learner,
+            self.backbone,
+            seg.optimizer,
+            samples,
+            steps,
+            self._gen,
+            s,
+            decoder_every=self.backbone.decoder_every,
+            cancel=cancel,
+            progress=report,
+        )
+        seg.buffer.clear()
 
-    def _annotated_samples(self, value: int) -> list[Sample]:
+    def _annotated_samples(self, seg: _Segment) -> list[Sample]:
         out = []
         for a in self.annotation.slices:
-            mask = self._slice(self._sparse, a) == value
-            box = self._box(mask)
-            if not self.backbone.has_memory and box is None:
-                continue  # a box-prompted model cannot learn "absent" through its decoder
+            mask = self._slice(self._sparse, a) == seg.value
+            use, box = seg.tracker.training_box(mask)
+            if not use:
+                continue
             f, hires = self._get(a)
-            p = self._memory(f, a, self._cond_bank(value, exclude=a), reverse=False)
+            p = seg.tracker.training_memory(a, f)
             target = self._target(mask, self.backbone.mask_size)
-            out.append(_sample(f, p, hires, target, box if not self.backbone.has_memory else None))
+            out.append(_sample(f, p, hires, target, box))
         return out
 
     # ---------------------------------------------------------------- propagate
@@ -361,6 +333,28 @@ class OFLSegmenter:
             predicted[value] = sorted(slices_logits)
             for t, c in seg_conf.items():
                 conf[t] = c if np.isnan(conf[t]) else min(conf[t], c)
+        labels = self._decide(probs)
+        enc = self.encode_seconds - enc0
+        timings = {
+            "encode": enc + self._fit_encode_seconds,
+            "fit": self.fit_seconds,
+            "propagate": time.perf_counter() - t0 - enc,
+        }
+        return Result(
+            labels=labels,
+            confidence=conf,
+            axis=ann.axis,
+            annotated=list(ann.slices),
+            timings=timings,
+            encoded_slices=self.encoder_calls - calls0,
+            predicted_slices=predicted,
+            voxels={v: int(np.count_nonzero(labels == v)) for v in self._segments},
+            losses={v: s.losses for v, s in self._segments.items()},
+            online_updates=updates,
+        )
+
+    def _decide(self, probs: dict[int, dict[int, np.ndarray]]) -> np.ndarray:
+        """Overlaps go to the most probable segment; annotated slices exactly as given."""
         labels = np.zeros_like(self._sparse)
         for t in sorted({t for p in probs.values() for t in p}):
             values = [v for v in probs if t in probs[v]]
@@ -369,53 +363,42 @@ class OFLSegmenter:
             fg = np.max(stack, axis=0) > 0
             out = np.where(fg, np.asarray(values, np.uint8)[best], 0).astype(np.uint8)
             self._put(labels, t, out)
-        for a in ann.slices:  # annotated slices exactly as given
+        for a in self.annotation.slices:
             self._put(labels, a, self._slice(self._sparse, a))
-        enc = self.encode_seconds - enc0
-        timings = {
-            "encode": enc + self._fit_encode_seconds,
-            "fit": self.fit_seconds,
-            "propagate": time.perf_counter() - t0 - enc,
-        }
-        voxels = {v: int(np.count_nonzero(labels == v)) for v in self._segments}
-        return Result(
-            labels,
-            conf,
-            ann.axis,
-            list(ann.slices),
-            timings,
-            self.encoder_calls - calls0,
-            predicted,
-            voxels,
-            {v: s.losses for v, s in self._segments.items()},
-            updates,
-        )
+        return labels
 
     def _put(self, labels: np.ndarray, t: int, plane: np.ndarray) -> None:
         idx = [slice(None)] * 3
         idx[self.annotation.axis] = t
         labels[tuple(idx)] = plane
 
-    def _propagate_segment(self, seg: _Segment, plane: tuple[int, int], progress, cancel):
+    def _propagate_segment(
+        self,
+        seg: _Segment,
+        plane: tuple[int, int],
+        progress: Progress | None,
+        cancel: threading.Event | None,
+    ) -> tuple[dict[int, np.ndarray], dict[int, float], int]:
+        s = self.settings
         ann = self.annotation.slices
-        value = seg.value
-        painted = [a for a in ann if np.any(self._slice(self._sparse, a) == value)]
+        painted = [a for a in ann if np.any(self._slice(self._sparse, a) == seg.value)]
         lo, hi = painted[0], painted[-1]
         self._features(list(range(lo, hi + 1)), progress)
-        total = (hi - lo + 1 - len([a for a in ann if lo <= a <= hi])) * 2 + 2 * self.stop_after + 2
-        state = {"done": 0, "total": total, "since_update": 0, "updates": 0}
-        # Beyond the outermost painted slices walk at most half the mean gap between painted slices:
-        # painting that dense says no more about the structure's ends (and vertebrae look alike).
+        inner = hi - lo + 1 - len([a for a in ann if lo <= a <= hi])
+        # Beyond the outermost painted slices walk at most a fraction of the mean gap between
+        # painted slices: painting that dense says no more about the structure's ends.
         if len(painted) > 1:
-            state["max_beyond"] = max(2, int(np.ceil(0.5 * (hi - lo) / (len(painted) - 1))))
+            gap = (hi - lo) / (len(painted) - 1)
+            max_beyond = max(s.beyond_min, int(np.ceil(s.beyond_gap_fraction * gap)))
         else:
-            state["max_beyond"] = self._n_slices()
-        fwd = self._walk(seg, lo, +1, hi, plane, state, progress, cancel)
-        bwd = self._walk(seg, hi, -1, lo, plane, state, progress, cancel)
+            max_beyond = self._n_slices()
+        walk = _Walk(total=2 * inner + 2 * s.stop_after + 2, max_beyond=max_beyond)
+        fwd = self._walk(seg, lo, +1, hi, plane, walk, progress, cancel)
+        bwd = self._walk(seg, hi, -1, lo, plane, walk, progress, cancel)
         logits: dict[int, np.ndarray] = {}
         conf: dict[int, float] = {}
         for t in set(fwd) | set(bwd):
-            if t in fwd and t in bwd:
+            if t in fwd and t in bwd:  # between painted slices: blend by distance
                 a = max(x for x in ann if x < t)
                 b = min(x for x in ann if x > t)
                 w = (b - t) / float(b - a)
@@ -423,157 +406,108 @@ class OFLSegmenter:
                 conf[t] = w * fwd[t][1] + (1 - w) * bwd[t][1]
             else:
                 logits[t], conf[t] = fwd[t] if t in fwd else bwd[t]
-        return logits, conf, state["updates"]
+        return logits, conf, walk.updates
 
     def _walk(
-        self, seg, start, step, inner_end, plane, state, progress, cancel
+        self,
+        seg: _Segment,
+        start: int,
+        step: int,
+        inner_end: int,
+        plane: tuple[int, int],
+        walk: _Walk,
+        progress: Progress | None,
+        cancel: threading.Event | None,
     ) -> dict[int, tuple[np.ndarray, float]]:
         """Walk from ``start`` in direction ``step``; inside the painted range up to ``inner_end``,
         beyond it until the structure has been absent for ``stop_after`` slices."""
         ann = set(self.annotation.slices)
-        value = seg.value
         n = self._n_slices()
-        bank = self._cond_bank(value)
-        reverse = step < 0
         out: dict[int, tuple[np.ndarray, float]] = {}
         absent = 0
-        prev_mask: np.ndarray | None = self._slice(self._sparse, start) == value
-        # Presence yardstick of box-prompted backbones, from the learner as this walk starts.
-        ref_coarse = None if self.backbone.has_memory else self._coarse_ref(seg, value)
+        previous = self._slice(self._sparse, start) == seg.value
+        seg.tracker.start(seg.learner, start, step)
         t = start + step
         while 0 <= t < n:
             beyond = (t - inner_end) * step > 0
             if t in ann:
                 if beyond:
-                    break  # an annotated slice beyond the painted range says where the structure is not
-                prev_mask = self._slice(self._sparse, t) == value
+                    break  # an annotated slice beyond the painted range says where it is not
+                previous = self._slice(self._sparse, t) == seg.value
                 t += step
                 continue
-            if beyond and (absent >= self.stop_after or abs(t - inner_end) > state["max_beyond"]):
+            if beyond and (
+                absent >= self.settings.stop_after or abs(t - inner_end) > walk.max_beyond
+            ):
                 break
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("propagation was cancelled; nothing was written")
-            if t not in self._cache:
-                ahead = [t + step * k for k in range(getattr(self.backbone, "encode_batch", 4))]
-                self._features([s for s in ahead if 0 <= s < n and s not in ann])
-            f, hires = self._get(t)
-            with torch.no_grad():
-                p = self._memory(f, t, bank, reverse)
-                fused, coarse = seg.learner(f, p)
-                box = None
-                if not self.backbone.has_memory:
-                    box = self._prompt_box(seg, t, beyond, prev_mask, coarse, ref_coarse)
-                    if box is None:
-                        dec = None
-                    else:
-                        dec = self.backbone.decode(
-                            fused, hires, boxes=box[None].to(self.backbone.device)
-                        )
-                else:
-                    dec = self.backbone.decode(fused, hires)
-            if dec is None:
-                logits_small = torch.full((self.backbone.mask_size,) * 2, -20.0)
-                confidence, present = 1.0, False
-            else:
-                logits_small = dec.logits[0, 0].cpu()
-                present = bool((logits_small > 0).any())
-                if self.backbone.has_memory and not self.backbone.random_weights:
-                    present = present and float(dec.object_score[0]) > 0
-                if not present:
-                    logits_small = torch.minimum(logits_small, torch.tensor(-1.0))
-                confidence = _confidence(logits_small, dec.iou[0], self.backbone.random_weights)
-            full = self._to_slice(logits_small, plane)
-            out[t] = (full, confidence)
-            prev_mask = full > 0
-            if self.backbone.has_memory and dec is not None:
-                if self.backbone.random_weights:
-                    # Random weights declare "no object" everywhere; decide presence from the mask instead.
-                    dec.object_score = torch.full_like(dec.object_score, 1.0 if present else -1.0)
-                bank["non_cond_frame_outputs"][t] = self.backbone.memory_from_prediction(f, dec)
-                old = t - step * 16
-                bank["non_cond_frame_outputs"].pop(old, None)
-            absent = 0 if present else absent + 1
-            if self.online and present and confidence >= self.gamma:
-                target = (torch.sigmoid(logits_small)[None] > 0.5).float()
-                seg.buffer.append(_sample(f, p, hires, target, box))
-                seg.buffer = seg.buffer[-16:]
-                state["since_update"] += 1
-                if state["since_update"] >= self.online_every:
-                    self._online_update(seg)
-                    state["since_update"] = 0
-                    state["updates"] += 1
-            state["done"] += 1
+            _check(cancel, "propagation was cancelled; nothing was written")
+            full, pred = self._step(seg, t, step, beyond, previous, plane, walk)
+            out[t] = (full, pred.confidence)
+            previous = full > 0
+            absent = 0 if pred.present else absent + 1
+            walk.done += 1
             if progress is not None:
                 progress(
-                    f"propagate segment {value}", min(state["done"], state["total"]), state["total"]
+                    ProgressEvent(PROPAGATE, seg.value, min(walk.done, walk.total), walk.total)
                 )
             t += step
         return out
 
-    def _coarse_ref(self, seg: _Segment, value: int) -> float:
-        """Mean coarse-head area on the painted slices: the yardstick for 'the structure is gone'."""
-        areas = []
-        with torch.no_grad():
-            for a in self.annotation.slices:
-                if not np.any(self._slice(self._sparse, a) == value):
-                    continue
-                f, _ = self._get(a)
-                _, coarse = seg.learner.mapping(f)
-                areas.append(float((coarse > 0).sum()))
-        return float(np.mean(areas)) if areas else 0.0
+    def _step(
+        self,
+        seg: _Segment,
+        t: int,
+        step: int,
+        beyond: bool,
+        previous: np.ndarray,
+        plane: tuple[int, int],
+        walk: _Walk,
+    ) -> tuple[np.ndarray, Prediction]:
+        """One slice: encode if needed, the tracker's step and memory write, the online buffer."""
+        if t not in self._cache:
+            ann = self.annotation.slices
+            ahead = [t + step * k for k in range(self.backbone.encode_batch)]
+            self._features([a for a in ahead if 0 <= a < self._n_slices() and a not in ann])
+        f, hires = self._get(t)
+        pred = seg.tracker.step(seg.learner, t, f, hires, beyond, previous)
+        full = self._to_slice(pred.logits, plane)
+        seg.tracker.remember(t, f, pred)
+        if self.settings.online and pred.present and pred.confidence >= self.settings.gamma:
+            self._learn_online(seg, f, hires, pred, walk)
+        return full, pred
 
-    def _prompt_box(self, seg, t, beyond, prev_mask, coarse, ref_coarse) -> torch.Tensor | None:
-        """Box prompt for models that need one (LiteMedSAM)."""
-        coarse_mask = (coarse[0, 0] > 0).cpu().numpy()
-        if not beyond and self.prior == "interp":
-            shape = self._interpolated(seg.value, t)
-            box = self._box(shape)
-            if box is not None:
-                return box
-        if (
-            beyond
-            and ref_coarse is not None
-            and ref_coarse > 0
-            and coarse_mask.sum() < 0.1 * ref_coarse
-        ):
-            return None  # the learned presence head says the structure ends here
-        if prev_mask is not None and prev_mask.any():
-            return self._box(prev_mask)
-        return None
-
-    def _interpolated(self, value: int, t: int) -> np.ndarray:
-        """Shape between the two nearest annotated slices by signed-distance interpolation."""
-        from scipy import ndimage
-
-        ann = self.annotation.slices
-        a = max(x for x in ann if x < t)
-        b = min(x for x in ann if x > t)
-        ma = self._slice(self._sparse, a) == value
-        mb = self._slice(self._sparse, b) == value
-
-        def sdf(m: np.ndarray) -> np.ndarray:
-            if not m.any():
-                return np.full(m.shape, 1e3)
-            return ndimage.distance_transform_edt(~m) - ndimage.distance_transform_edt(m)
-
-        w = (t - a) / float(b - a)
-        return (1 - w) * sdf(ma) + w * sdf(mb) < 0
-
-    def _online_update(self, seg: _Segment) -> None:
-        anchors = seg.anchors
-        k = min(2, len(seg.buffer))
+    def _learn_online(
+        self,
+        seg: _Segment,
+        f: torch.Tensor,
+        hires: list[torch.Tensor],
+        pred: Prediction,
+        walk: _Walk,
+    ) -> None:
+        """A confident prediction joins the buffer; every few of them the learner takes a step."""
+        s = self.settings
+        target = (torch.sigmoid(pred.logits)[None] > 0.5).float()
+        seg.buffer.append(_sample(f, pred.memory, hires, target, pred.box))
+        seg.buffer = seg.buffer[-s.buffer_size :]
+        walk.since_update += 1
+        if walk.since_update < s.online_every:
+            return
+        k = min(s.online_picks, len(seg.buffer))
         idx = torch.randperm(len(seg.buffer), generator=self._gen)[:k].tolist()
-        samples = anchors + [seg.buffer[i] for i in idx]
+        samples = seg.anchors + [seg.buffer[i] for i in idx]
         train_steps(
             seg.learner,
             self.backbone,
             seg.optimizer,
             samples,
-            self.online_steps,
+            s.online_steps,
             self._gen,
+            s,
             batch=len(samples),
-            patience=10**6,
+            patience=None,
         )
+        walk.since_update = 0
+        walk.updates += 1
 
     # ---------------------------------------------------------------- learner files
     def save_learner(self, path: str | Path) -> None:
@@ -585,7 +519,7 @@ class OFLSegmenter:
                 arrays[f"seg{v}.{k}"] = t.detach().cpu().numpy()
         meta = {
             "format": LEARNER_FORMAT,
-            "backbone": self.backbone_name,
+            "backbone": self.backbone.name,
             "weights": self.backbone.weights,
             "image_size": self.backbone.input_size,
             "segments": sorted(self._segments),
@@ -619,7 +553,7 @@ class OFLSegmenter:
             learner.load_state_dict(sd, strict=True)
             learner.to(self.backbone.device).eval()
             self._segments[v] = _Segment(
-                v, learner, torch.optim.Adam(learner.parameters(), lr=1e-3)
+                v, learner, torch.optim.Adam(learner.parameters(), lr=self.settings.learning_rate)
             )
         return meta
 
@@ -635,14 +569,6 @@ def _sample(f, p, hires, target, box) -> Sample:
     )
 
 
-def _confidence(logits: torch.Tensor, iou: torch.Tensor, random_weights: bool) -> float:
-    """Mask certainty near the predicted boundary, times the predicted IoU where it means something."""
-    p = torch.sigmoid(logits.float())
-    fg = p > 0.5
-    if not fg.any():
-        return 0.0
-    band = F.max_pool2d(fg[None, None].float(), 7, stride=1, padding=3)[0, 0] > 0
-    certainty = float((2 * p[band] - 1).abs().mean())
-    if random_weights:
-        return certainty
-    return float(np.sqrt(max(certainty, 0.0) * float(torch.clamp(iou, 0, 1))))
+def _check(cancel: threading.Event | None, message: str) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(message)

