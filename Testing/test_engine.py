@@ -80,7 +80,7 @@ def test_multi_segment_output_and_reasonable_overlap(synthetic, run):
 def test_each_slice_encoded_once_and_progress_reported(synthetic, run):
     seg, result, calls_after_fit, stages = run
     assert calls_after_fit == 3  # fitting needs only the annotated slices
-    assert seg.encoder_calls == len(seg._cache) <= synthetic[0].shape[0]
+    assert seg.encoder_calls == len(seg.cached_slices) <= synthetic[0].shape[0]
     assert all(isinstance(e, ProgressEvent) for e in stages)
     assert {e.segment for e in stages if e.stage == PROPAGATE} == {1, 2}
     assert FIT not in {e.stage for e in stages}  # propagate() does not fit
@@ -94,34 +94,42 @@ def test_learner_loss_falls(run):
     assert losses[-1] < 0.8 * losses[0]
 
 
-def test_repropagation_reuses_cache_and_keeps_new_slice(synthetic, run):
+@pytest.fixture
+def fresh(synthetic):
+    """A segmenter of its own (fit briefly) for tests that refit: the module's run stays as it was."""
+    img, _, sparse = synthetic
+    seg = OFLSegmenter(RANDOM_SAM2.replace(fit_steps=5, online=False))
+    seg.set_volume(img)
+    seg.fit(sparse)
+    return seg
+
+
+def test_repropagation_reuses_cache_and_keeps_new_slice(synthetic, fresh):
     img, truth, sparse = synthetic
-    seg, first, _, _ = run
+    seg = fresh
+    seg.propagate()
     before = seg.encoder_calls
     sparse2 = sparse.copy()
     sparse2[5] = truth[5]
     seg.set_volume(img)  # the same array: cache kept
     seg.fit(sparse2)
     second = seg.propagate()
-    assert seg.encoder_calls == len(seg._cache)  # no slice encoded twice
+    assert seg.encoder_calls == len(seg.cached_slices)  # no slice encoded twice
     assert second.encoded_slices == seg.encoder_calls - before
     assert second.encoded_slices <= img.shape[0] - before
     np.testing.assert_array_equal(second.labels[5], truth[5])
     assert second.annotated == [3, 5, 6, 8]
 
 
-def test_cancel_raises_and_returns_nothing(synthetic, run):
-    img, _, sparse = synthetic
-    seg = run[0]
+def test_cancel_raises_and_returns_nothing(fresh):
     cancel = threading.Event()
 
     def progress(event: ProgressEvent) -> None:
         if event.stage == PROPAGATE and event.done >= 2:
             cancel.set()
 
-    seg.fit(sparse)
     with pytest.raises(Cancelled):
-        seg.propagate(progress=progress, cancel=cancel)
+        fresh.propagate(progress=progress, cancel=cancel)
 
 
 def test_random_weights_object_score_does_not_cut_gradients_or_output():
@@ -185,8 +193,8 @@ def test_learner_file_round_trip_without_pickle(tmp_path, run):
     meta = other.load_learner_state(path)
     assert meta["segments"] == [1, 2]
     for v in (1, 2):
-        a = seg._segments[v].learner.state_dict()
-        b = other._segments[v].learner.state_dict()
+        a = seg.learner(v).state_dict()
+        b = other.learner(v).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
     (tmp_path / "bad.npz").write_bytes(b"not a learner")
     with pytest.raises(InputError, match="not an oflsam2 learner"):

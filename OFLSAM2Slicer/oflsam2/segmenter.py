@@ -156,6 +156,20 @@ class OFLSegmenter:
         self.geometry = geometry
         self.modality = modality
 
+    @property
+    def cached_slices(self) -> list[int]:
+        """Slices whose features are in the cache (each was encoded exactly once)."""
+        return sorted(self._cache)
+
+    @property
+    def segments(self) -> list[int]:
+        """Label values that have a learner."""
+        return sorted(self._segments)
+
+    def learner(self, value: int) -> Learner:
+        """The learner (mapping network and fusion) of segment ``value``."""
+        return self._segments[value].learner
+
     # ---------------------------------------------------------------- slices
     def _slice(self, data: np.ndarray, t: int) -> np.ndarray:
         return np.take(data, t, axis=self.annotation.axis)
