@@ -90,10 +90,15 @@ class _View:
 
     def interpolated(self, t: int) -> np.ndarray:
         """Shape between the two nearest annotated slices by signed-distance interpolation."""
+        return self.distance(t) < 0
+
+    def distance(self, t: int) -> np.ndarray:
+        """Signed distance (pixels, negative inside) interpolated from the two nearest annotated
+        slices: what Slicer's "Fill between slices" would put on slice ``t``."""
         a = max(x for x in self.annotated if x < t)
         b = min(x for x in self.annotated if x > t)
         w = (t - a) / float(b - a)
-        return (1 - w) * _sdf(self.painted(a)) + w * _sdf(self.painted(b)) < 0
+        return (1 - w) * _sdf(self.painted(a)) + w * _sdf(self.painted(b))
 
 
 def _sdf(mask: np.ndarray) -> np.ndarray:
@@ -155,6 +160,24 @@ class OFLSegmenter:
         self._array = array
         self.geometry = geometry
         self.modality = modality
+
+    def reset(self, settings: Settings | None = None) -> None:
+        """Forget the learners and start again from ``settings`` (default: the current ones),
+        as a new segmenter would, but keep the encoded slices.
+
+        Only settings that leave the features unchanged may differ (not the backbone, its
+        weights, device or image size, nor the crop rule).
+        """
+        settings = settings or self.settings
+        same = ("backbone", "model", "checkpoint", "random_init", "device", "image_size", "roi")
+        same += ("roi_margin", "roi_min_pad")
+        changed = [n for n in same if getattr(settings, n) != getattr(self.settings, n)]
+        if changed:
+            raise ValueError(f"reset() cannot change {', '.join(changed)}: make a new segmenter")
+        self.settings = settings
+        self._segments.clear()
+        self._gen = torch.Generator().manual_seed(settings.seed)
+        torch.manual_seed(settings.seed)
 
     @property
     def cached_slices(self) -> list[int]:
@@ -288,7 +311,7 @@ class OFLSegmenter:
         samples = seg.anchors = self._annotated_samples(seg)
         if not samples:
             return
-        steps = s.fit_steps or self.backbone.default_fit_steps()
+        steps = self.backbone.default_fit_steps() if s.fit_steps is None else s.fit_steps
         if warm:
             steps = max(s.warm_min_steps, steps // s.warm_divisor)
 
@@ -401,7 +424,7 @@ class OFLSegmenter:
         inner = hi - lo + 1 - len([a for a in ann if lo <= a <= hi])
         # Beyond the outermost painted slices walk at most a fraction of the mean gap between
         # painted slices: painting that dense says no more about the structure's ends.
-        if len(painted) > 1:
+        if len(painted) > 1 and s.beyond_gap_fraction is not None:
             gap = (hi - lo) / (len(painted) - 1)
             max_beyond = max(s.beyond_min, int(np.ceil(s.beyond_gap_fraction * gap)))
         else:
@@ -416,11 +439,19 @@ class OFLSegmenter:
                 a = max(x for x in ann if x < t)
                 b = min(x for x in ann if x > t)
                 w = (b - t) / float(b - a)
-                logits[t] = w * fwd[t][0] + (1 - w) * bwd[t][0]
+                logits[t] = w * fwd[t][0] + (1 - w) * bwd[t][0] + self._prior(seg, t)
                 conf[t] = w * fwd[t][1] + (1 - w) * bwd[t][1]
             else:
                 logits[t], conf[t] = fwd[t] if t in fwd else bwd[t]
         return logits, conf, walk.updates
+
+    def _prior(self, seg: _Segment, t: int) -> np.ndarray | float:
+        """Interpolation prior as logits: the model overrides it only where it is confident."""
+        s = self.settings
+        if s.prior_weight <= 0:
+            return 0.0
+        d = seg.tracker.view.distance(t)
+        return s.prior_weight * np.clip(-d / s.prior_scale, -4.0, 4.0)
 
     def _walk(
         self,
@@ -450,6 +481,8 @@ class OFLSegmenter:
                 previous = self._slice(self._sparse, t) == seg.value
                 t += step
                 continue
+            if beyond and not self.settings.extend:
+                break
             if beyond and (
                 absent >= self.settings.stop_after or abs(t - inner_end) > walk.max_beyond
             ):
@@ -486,7 +519,9 @@ class OFLSegmenter:
         pred = seg.tracker.step(seg.learner, t, f, hires, beyond, previous)
         full = self._to_slice(pred.logits, plane)
         seg.tracker.remember(t, f, pred)
-        if self.settings.online and pred.present and pred.confidence >= self.settings.gamma:
+        s = self.settings
+        teach = s.online_scope == "all" or not beyond
+        if s.online and teach and pred.present and pred.confidence >= s.gamma:
             self._learn_online(seg, f, hires, pred, walk)
         return full, pred
 

@@ -17,6 +17,8 @@ IMAGE_SIZES = (512, 1024)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 ROI_MODES = ("auto", "none")
 PRIORS = ("interp", "none")
+STOP_RULES = ("area", "support")
+ONLINE_SCOPES = ("all", "inside")
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class Settings:
     seed: int = 0  # seeds the engine's own generator (augmentation, online batches)
 
     # -- few-shot fit
-    fit_steps: int | None = None  # None: the backbone's default for the device
+    fit_steps: int | None = None  # None: the backbone's default for the device; 0: untrained
     learning_rate: float = 1e-3  # Adam, fit and online updates
     fit_batch: int = 4  # painted slices per training step
     patience: int = 12  # full-loss steps without improvement before fitting stops
@@ -46,12 +48,23 @@ class Settings:
     feature_noise: float = 0.05  # augmentation: noise on F, times F's standard deviation
 
     # -- propagation
+    extend: bool = True  # walk beyond the outermost painted slices (False: fill between only)
     stop_after: int = 3  # beyond the painted range: absent slices in a row that end a walk
-    beyond_gap_fraction: float = 0.5  # beyond it: at most this fraction of the mean painted gap
+    beyond_gap_fraction: float | None = 0.5  # beyond it: at most this fraction of the mean
+    # painted gap (None: no such cap)
     beyond_min: int = 2  # ... and at least this many slices
     memory_window: int = 16  # SAM2: predicted slices kept in the memory bank per walk
-    presence_fraction: float = 0.1  # box-prompted: structure gone when the coarse area falls
-    # under this fraction of its mean on the painted slices
+    # Box-prompted backbones, beyond the painted range: "area": the structure is gone where the
+    # coarse head's area falls under presence_fraction of its mean on the painted slices;
+    # "support": where the head's mean probability inside the decoded mask falls under
+    # support_fraction of the same inside the painted masks.
+    stop_rule: str = "area"
+    presence_fraction: float = 0.1
+    support_fraction: float = 0.5
+    prior_weight: float = 0.0  # between painted slices: logits += weight * interpolated prior
+    prior_scale: float = 2.0  # pixels of signed distance per unit of prior logit (clipped at 4)
+    online_scope: str = "all"  # which confident slices may teach online: all, or inside (the
+    # painted range only, where the interpolation anchors them)
     box_enlarge: float = 0.05  # box prompts: grow the mask's box by this fraction per side
     prior: str | None = None  # interp / none between painted slices; None: the backbone's choice
 
@@ -70,6 +83,10 @@ class Settings:
             raise InputError(f"--roi must be auto or none, not {self.roi!r}")
         if not 0.0 < self.gamma < 1.0:
             raise InputError(f"gamma must lie between 0 and 1, not {self.gamma}")
+        if self.stop_rule not in STOP_RULES:
+            raise InputError(f"stop_rule must be one of {STOP_RULES}, not {self.stop_rule!r}")
+        if self.online_scope not in ONLINE_SCOPES:
+            raise InputError(f"online_scope must be one of {ONLINE_SCOPES}")
         if self.prior is not None and self.prior not in PRIORS:
             raise InputError(f"prior must be interp or none, not {self.prior!r}")
 

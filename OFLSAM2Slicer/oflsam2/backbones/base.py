@@ -114,6 +114,9 @@ class SegmentView(Protocol):
 
     def interpolated(self, t: int) -> np.ndarray: ...
 
+    def distance(self, t: int) -> np.ndarray:  # signed distance behind ``interpolated``
+        ...
+
 
 class Tracker:
     """A backbone family's propagation step for one segment (cf. SAM2's ``track_step``).

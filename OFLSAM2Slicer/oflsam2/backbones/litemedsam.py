@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import WeightsError
 from .base import (
+    ABSENT_LOGIT,
     NOT_DECODED_LOGIT,
     Backbone,
     Decoded,
@@ -205,25 +206,24 @@ class BoxTracker(Tracker):
     """Propagation for a model with no memory attention: its "memory" is the box prompt.
 
     Between painted slices the box of the shape interpolated from the two neighbouring painted
-    slices (the prior); beyond them the previous slice's box, until the learned coarse head's
-    area falls under ``presence_fraction`` of its mean on the painted slices.
+    slices (the prior); beyond them the previous slice's box while the image says the structure
+    is still there (``Settings.stop_rule``).
     """
 
     def __init__(self, backbone: Backbone, settings: Settings, view: SegmentView) -> None:
         super().__init__(backbone, settings, view)
         self.prior = settings.prior or backbone.default_prior
-        self._yardstick = 0.0
+        self._area = 0.0  # mean coarse-head area on the painted slices
+        self._support = 0.0  # mean coarse-head probability inside the painted masks
 
     def training_box(self, mask2d: np.ndarray) -> tuple[bool, torch.Tensor | None]:
         box = self.view.box(mask2d)
-        return (
-            box is not None,
-            box,
-        )  # a box-prompted model cannot learn "absent" through its decoder
+        # A box-prompted model cannot learn "absent" through its decoder.
+        return box is not None, box
 
     def start(self, learner: Learner, start: int, step: int) -> None:
-        """Mean coarse-head area on the painted slices, from the learner as this walk starts."""
-        areas = []
+        """Yardsticks from the painted slices, with the learner as this walk starts."""
+        areas, support = [], []
         with torch.no_grad():
             for a in self.view.annotated:
                 mask = self.view.painted(a)
@@ -232,7 +232,10 @@ class BoxTracker(Tracker):
                 f, _ = self.view.features(a)
                 _, coarse = learner.mapping(f)
                 areas.append(float((coarse > 0).sum()))
-        self._yardstick = float(np.mean(areas)) if areas else 0.0
+                weight = self.view.target(mask, coarse.shape[-1])[0]
+                support.append(_support(coarse[0, 0], weight))
+        self._area = float(np.mean(areas)) if areas else 0.0
+        self._support = float(np.mean(support)) if support else 0.0
 
     def step(
         self,
@@ -247,26 +250,46 @@ class BoxTracker(Tracker):
             fused, coarse = learner(f, f)
             box = self._box(t, beyond, previous, coarse)
             if box is None:
-                size = self.backbone.mask_size
-                logits = torch.full((size, size), NOT_DECODED_LOGIT)
-                return Prediction(logits, 1.0, False, f, None, None)
+                return self._absent(f)
             dec = self.backbone.decode(fused, hires, boxes=box[None].to(self.backbone.device))
-        return self._finish(dec, f, box)
+        pred = self._finish(dec, f, box)
+        if beyond and pred.present and self.settings.stop_rule == "support":
+            # The learned head's agreement with the decoded mask, against the same on the painted
+            # slices: LiteMedSAM fills any box it is given, the head knows what the structure
+            # looks like.
+            mask = (pred.logits > 0).float()[None, None]
+            weight = torch.nn.functional.adaptive_avg_pool2d(mask, coarse.shape[-2:])[0, 0]
+            if (
+                _support(coarse[0, 0].cpu(), weight)
+                < self.settings.support_fraction * self._support
+            ):
+                pred.present = False
+                pred.logits = torch.minimum(pred.logits, torch.tensor(ABSENT_LOGIT))
+        return pred
+
+    def _absent(self, f: torch.Tensor) -> Prediction:
+        size = self.backbone.mask_size
+        return Prediction(torch.full((size, size), NOT_DECODED_LOGIT), 1.0, False, f, None, None)
 
     def _box(
         self, t: int, beyond: bool, previous: np.ndarray | None, coarse: torch.Tensor
     ) -> torch.Tensor | None:
-        coarse_area = int((coarse[0, 0] > 0).sum())
         if not beyond and self.prior == "interp":
             box = self.view.box(self.view.interpolated(t))
             if box is not None:
                 return box
-        if (
-            beyond
-            and self._yardstick > 0
-            and coarse_area < self.settings.presence_fraction * self._yardstick
-        ):
-            return None  # the learned presence head says the structure ends here
+        if beyond and self.settings.stop_rule == "area" and self._area > 0:
+            coarse_area = int((coarse[0, 0] > 0).sum())
+            if coarse_area < self.settings.presence_fraction * self._area:
+                return None  # the learned coarse head says the structure ends here
         if previous is not None and previous.any():
             return self.view.box(previous)
         return None
+
+
+def _support(coarse_logits: torch.Tensor, weight: torch.Tensor) -> float:
+    """Mean probability of the coarse head over a (soft) mask."""
+    total = float(weight.sum())
+    if total <= 0:
+        return 0.0
+    return float((torch.sigmoid(coarse_logits.float()) * weight).sum()) / total
