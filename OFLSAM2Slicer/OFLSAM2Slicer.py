@@ -2,7 +2,7 @@
 
 Slicer wiring only: the module description, the panel (bound to a parameter node),
 dependency installation on first use, and a self-test. Every computation lives in
-``oflsam2_slicer.logic`` (MRML, no Qt) and the ``oflsam2`` engine (no Slicer at all).
+``oflsam2_slicer`` (MRML, no Qt) and the ``oflsam2`` engine (no Slicer at all).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from oflsam2_slicer.logic import (
+from oflsam2.settings import DEFAULTS
+from oflsam2_slicer import (
     Device,
     Model,
     OFLSAM2Logic,
@@ -35,6 +36,7 @@ from oflsam2_slicer.logic import (
     PropagationResult,
     Quality,
     SliceAxis,
+    TaskCancelled,
     taskError,
 )
 
@@ -84,11 +86,11 @@ class OFLSAM2SlicerParameterNode:
     segmentation: vtkMRMLSegmentationNode
     segmentId: str
     allVisibleSegments: bool = False
-    model: Model = Model.LITEMEDSAM
-    quality: Quality = Quality.FULL
-    device: Device = Device.AUTO
-    onlineLearning: bool = True
-    gamma: Annotated[float, WithinRange(0.5, 0.99)] = 0.9
+    model: Model = Model.default()
+    quality: Quality = Quality.default()
+    device: Device = Device.default()
+    onlineLearning: bool = DEFAULTS.online
+    gamma: Annotated[float, WithinRange(0.5, 0.99)] = DEFAULTS.gamma
     fitSteps: Annotated[int, WithinRange(0, 1000)] = 0
     sliceAxis: SliceAxis = SliceAxis.AUTO
     limitSliceRange: bool = False
@@ -150,6 +152,8 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.stop()
         self.removeObservers()
         self.setParameterNode(None)
+        if self.logic is not None:
+            self.logic.cleanup()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -459,8 +463,8 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         error = taskError(status)
         if status.state == "failed" and error is None:
             slicer.util.errorDisplay(_("Download failed."), detailedText=str(status.error))
-        elif isinstance(error, PropagationCancelled):
-            self.ui.statusLabel.text = _("Download cancelled.")
+        elif isinstance(error, TaskCancelled):
+            self.ui.statusLabel.text = str(error)
         elif error is not None:
             self._showUserError(error)
         self._weightsStatus.clear()

@@ -1,12 +1,14 @@
 """Comparison methods: Slicer's fill between slices (child process), nearest slice, slice choice,
-LiteMedSAM box walk."""
+and the benchmark's LiteMedSAM box walk (bench/baselines_litemedsam.py)."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import RIGHT_LUNG, RIGHT_LUNG_BOX_WALK_FLOOR
 
 from oflsam2 import baselines
 from oflsam2.baselines import (
@@ -14,10 +16,12 @@ from oflsam2.baselines import (
     choose_slices,
     fill_between_slices,
     fill_between_slices_many,
-    litemedsam_box,
     nearest_slice,
 )
+from oflsam2.errors import InputError
 from oflsam2.metrics import dice
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _growing_disc(n: int = 20, side: int = 40) -> np.ndarray:
@@ -32,6 +36,7 @@ def _sphere(n: int = 24) -> np.ndarray:
     return (((z - c) ** 2 + (y - c) ** 2 + (x - c) ** 2) <= (0.4 * n) ** 2).astype(np.uint8)
 
 
+@pytest.mark.slow
 def test_fill_between_slices_interpolates_in_a_child_process():
     cases = [
         (_growing_disc(), 0, [2, 9, 16]),
@@ -110,22 +115,42 @@ def test_choose_slices_is_deterministic():
         choose_slices(np.zeros((3, 3, 3), bool), 0, 2)
 
 
-def test_litemedsam_box_walk_on_the_ct_lung():
-    slicerio = pytest.importorskip("slicerio")
-    from oflsam2.backbones.litemedsam import LiteMedSAMBackbone
-    from oflsam2.volume import intensity_window, read_image, read_labels
+def test_nearest_slice_needs_every_labelled_slice_named():
+    sparse = np.zeros((6, 1, 1), np.uint8)
+    sparse[[1, 4]] = 2
+    with pytest.raises(InputError, match=r"labels on slice\(s\) \[4\] .* not in --slices"):
+        nearest_slice(sparse, 0, [1])
+    with pytest.raises(InputError, match="label map is empty"):
+        nearest_slice(np.zeros((3, 2, 2), np.uint8), 0)
 
-    volume = read_image(slicerio.get_testdata_file("CTChest4.nrrd"))
-    labels = read_labels(slicerio.get_testdata_file("Segmentation.seg.nrrd"), volume.geometry)
-    image, truth = volume.array[11:16], (labels.array[11:16] == 5).astype(np.uint8) * 5
+
+@pytest.fixture(scope="module")
+def litemedsam_box():
+    """bench/baselines_litemedsam.py's box walk (bench/ is not a package)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from baselines_litemedsam import litemedsam_box
+    finally:
+        sys.path.remove(str(BENCH))
+    return litemedsam_box
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_litemedsam_box_walk_on_the_ct_lung(litemedsam_box, sample_ct, sample_labels):
+    from oflsam2.backbones.litemedsam import LiteMedSAMBackbone
+    from oflsam2.volume import intensity_window
+
+    lung = sample_labels.array == RIGHT_LUNG
+    image, truth = sample_ct.array[11:16], lung[11:16].astype(np.uint8) * RIGHT_LUNG
     sparse = np.zeros_like(truth)
     sparse[[1, 3]] = truth[[1, 3]]
-    window = intensity_window(volume.array, None, labels.array == 5)
+    window = intensity_window(sample_ct.array, None, lung)
     cache: dict = {}
     out = litemedsam_box(
         image, sparse, 0, [1, 3], LiteMedSAMBackbone(device="cpu"), window=window, cache=cache
     )
     assert np.array_equal(out[[1, 3]], sparse[[1, 3]])
-    assert set(np.unique(out)) <= {0, 5}
-    assert dice(out[[0, 2, 4]], truth[[0, 2, 4]]) > 0.85
+    assert set(np.unique(out)) <= {0, RIGHT_LUNG}
+    assert dice(out[[0, 2, 4]], truth[[0, 2, 4]]) > RIGHT_LUNG_BOX_WALK_FLOOR
     assert len(cache) == 3  # only the slices walked were encoded

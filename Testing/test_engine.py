@@ -14,6 +14,8 @@ from oflsam2.progress import FIT, PROPAGATE, ProgressEvent
 from oflsam2.segmenter import OFLSegmenter
 from oflsam2.settings import Settings
 
+pytestmark = [pytest.mark.slow, pytest.mark.engine]  # builds SAM2 and fits learners: minutes
+
 SIZE = 256  # smallest SAM2 input the configs allow; mechanics only
 RANDOM_SAM2 = Settings(backbone="sam2", random_init=True, device="cpu", image_size=SIZE)
 

@@ -1,6 +1,7 @@
-"""oflsam2_slicer.logic against a real MRML scene from the slicer-core package (no Slicer app).
+"""oflsam2_slicer against a real MRML scene from the slicer-core package (no Slicer app).
 
-Two layers:
+Three layers:
+- planning as plain numpy (no MRML): paint vs. propagated slices, axis, groups, merging;
 - mechanics with a stand-in engine (instant, deterministic): what is read, what is written,
   undo, re-propagation memory, cancel, errors, export;
 - the real engine (LiteMedSAM weights; SAM2 with random weights for mechanics), sharing one
@@ -17,14 +18,19 @@ import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer")
-slicerio = pytest.importorskip("slicerio")
 vtk = pytest.importorskip("vtk")
 
-from oflsam2.errors import Cancelled, WeightsError  # noqa: E402
+from conftest import CT_PATH, RIGHT_LUNG_LITEMEDSAM_FLOOR, SEG_PATH, painted_slices  # noqa: E402
+
+from oflsam2.errors import Cancelled, InputError, WeightsError  # noqa: E402
 from oflsam2.metrics import dice  # noqa: E402
-from oflsam2.volume import Geometry, find_annotated, read_image, read_labels  # noqa: E402
-from oflsam2_slicer.logic import (  # noqa: E402
+from oflsam2.progress import FIT, PROPAGATE, ProgressEvent  # noqa: E402
+from oflsam2.settings import DEFAULTS, Settings  # noqa: E402
+from oflsam2.volume import Geometry, find_annotated, read_labels  # noqa: E402
+from oflsam2_slicer import (  # noqa: E402
     BackgroundTask,
+    Device,
+    DownloadCancelled,
     Model,
     OFLSAM2Logic,
     OFLSAM2UserError,
@@ -32,14 +38,15 @@ from oflsam2_slicer.logic import (  # noqa: E402
     PropagationOptions,
     Quality,
     SliceAxis,
+    planning,
+    taskError,
+    userError,
 )
+from oflsam2_slicer.task import DOWNLOAD  # noqa: E402
 
 RIGHT_LUNG = "Segment_5"  # 'right lung' in the slicerio test segmentation
 LEFT_LUNG = "Segment_6"
 ALL_SEGMENTS = [f"Segment_{i}" for i in range(1, 8)]
-DICE_FLOOR_LITEMEDSAM = (
-    0.88  # right lung, unpainted slices: the engine's own floor (Testing/test_cli_segment.py)
-)
 
 
 # ---------------------------------------------------------------- scene
@@ -93,7 +100,7 @@ def load_segmentation(scene, name="Seg"):
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     storage = slicer.vtkMRMLSegmentationStorageNode()
     scene.AddNode(storage)
-    storage.SetFileName(slicerio.get_testdata_file("Segmentation.seg.nrrd"))
+    storage.SetFileName(SEG_PATH)
     assert storage.ReadData(node)
     node.CreateDefaultDisplayNodes()
     return node
@@ -111,18 +118,12 @@ def keep_slices(mask, slices, axis=0):
     return out
 
 
-def three_slices(mask, axis=0):
-    occupied = find_annotated(mask.astype(np.uint8), axis).slices
-    lo, hi = occupied[0], occupied[-1]
-    return [int(round(lo + f * (hi - lo))) for f in (0.2, 0.5, 0.8)]
-
-
 @pytest.fixture(scope="module")
 def ct(mrml):
-    volume = load_volume(mrml.scene, slicerio.get_testdata_file("CTChest4.nrrd"))
+    volume = load_volume(mrml.scene, CT_PATH)
     truth = masks(load_segmentation(mrml.scene, "Truth"), volume)
     return types.SimpleNamespace(
-        volume=volume, truth=truth, painted=three_slices(truth[RIGHT_LUNG])
+        volume=volume, truth=truth, painted=painted_slices(truth[RIGHT_LUNG])
     )
 
 
@@ -175,10 +176,10 @@ def oblique_copy(mrml, ct, name, painted):
 class FakeSegmenter:
     """The engine's API with a trivial method: every slice copies the nearest annotated slice."""
 
-    backbone_name = "fake"
+    backbone = types.SimpleNamespace(name="fake", weights="")
 
-    def __init__(self, options, delay=0.0):
-        self.options = options
+    def __init__(self, settings, delay=0.0):
+        self.settings = settings
         self.delay = delay
         self.encoder_calls = 0
         self._array = None
@@ -205,6 +206,7 @@ class FakeSegmenter:
     def propagate(self, progress=None, cancel=None):
         axis, slices = self.ann.axis, np.asarray(self.ann.slices)
         n = self._array.shape[axis]
+        segment = min(self.ann.per_segment)
         labels = np.zeros_like(self.sparse)
         for t in range(n):
             if cancel is not None and cancel.is_set():
@@ -212,7 +214,7 @@ class FakeSegmenter:
             if self.delay:
                 time.sleep(self.delay)
             if progress is not None:
-                progress("propagate segment 1", t + 1, n)
+                progress(ProgressEvent(PROPAGATE, segment, t + 1, n))
             nearest = int(slices[np.argmin(np.abs(slices - t))])
             idx = [slice(None)] * 3
             idx[axis] = t
@@ -228,8 +230,9 @@ class FakeSegmenter:
 def fake_logic():
     made = []
 
-    def factory(options):
-        made.append(FakeSegmenter(options))
+    def factory(settings):
+        assert isinstance(settings, Settings)
+        made.append(FakeSegmenter(settings))
         return made[-1]
 
     logic = OFLSAM2Logic(factory)
@@ -250,19 +253,16 @@ def nearest_copy(mask, slices, axis=0):
 # ---------------------------------------------------------------- reading
 
 
-def test_volume_geometry_is_the_files(mrml, ct):
+def test_volume_geometry_is_the_files(mrml, ct, sample_ct):
     array, geometry = OFLSAM2Logic.volumeInput(ct.volume)
-    ref = read_image(slicerio.get_testdata_file("CTChest4.nrrd"))
+    ref = sample_ct
     assert geometry.differences(ref.geometry) == []
     np.testing.assert_array_equal(array, ref.array)
     assert array is not slicer.util.arrayFromVolume(ct.volume)  # a private copy
 
 
-def test_segments_come_on_the_volume_grid(mrml, ct):
-    labels = read_labels(
-        slicerio.get_testdata_file("Segmentation.seg.nrrd"),
-        read_image(slicerio.get_testdata_file("CTChest4.nrrd")).geometry,
-    )
+def test_segments_come_on_the_volume_grid(mrml, ct, sample_labels):
+    labels = sample_labels
     for i, sid in enumerate(ALL_SEGMENTS, start=1):
         np.testing.assert_array_equal(ct.truth[sid], (labels.array == i).astype(np.uint8))
 
@@ -275,6 +275,107 @@ def test_oblique_geometry_is_read_exactly(mrml, ct):
     expected = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
     np.testing.assert_allclose(geometry.ijk_to_ras(), expected, atol=1e-9)
     mrml.scene.RemoveNode(node)
+
+
+# ---------------------------------------------------------------- planning (plain numpy, no MRML)
+
+EYE = np.eye(4)  # IJK-to-RAS of a plain axial volume: array axis 0 = k = S (axial slices)
+
+
+def axial(slices, shape=(10, 12, 12), rows=slice(3, 9), cols=slice(3, 9)):
+    """A 0/1 mask painted with the same square on the given axial slices (array axis 0)."""
+    mask = np.zeros(shape, np.uint8)
+    for t in slices:
+        mask[t, rows, cols] = 1
+    return mask
+
+
+def sagittal(slices, shape=(10, 12, 12)):
+    """A 0/1 mask painted on the given sagittal slices (array axis 2) over axial slices 1..8."""
+    mask = np.zeros(shape, np.uint8)
+    for t in slices:
+        mask[1:9, 2:9, t] = 1
+    return mask
+
+
+def test_planning_tells_paint_from_propagated_slices():
+    painted = axial([2, 6])
+    written = axial(range(2, 7))  # the last propagation filled slices 3, 4 and 5
+    memory = planning.WriteMemory.of(0, [2, 6], written)
+    np.testing.assert_array_equal(memory.mask(), written > 0)
+    paint, used, kept = planning.paintOf(written, memory)
+    assert used is memory and kept == [2, 6]
+    np.testing.assert_array_equal(paint, painted)
+    corrected = written.copy()
+    corrected[4, 3:5] = 0  # a correction of slice 4 ...
+    corrected[5] = 0  # ... and slice 5 erased: both become annotation
+    paint, used, kept = planning.paintOf(corrected, memory)
+    assert kept == [2, 4, 5, 6] and not paint[3].any() and not paint[5].any()
+    np.testing.assert_array_equal(paint[4], corrected[4])
+    # every propagated slice changed (undone by another tool): the memory is stale
+    paint, used, kept = planning.paintOf(painted, memory)
+    assert used is None and kept == [] and paint is painted
+    assert planning.paintOf(painted, None) == (painted, None, [])
+
+
+def test_planning_resolves_and_checks_the_slice_axis():
+    assert [planning.orientationOfAxis(EYE, a) for a in range(3)] == [
+        "axial",
+        "coronal",
+        "sagittal",
+    ]
+    assert planning.arrayAxisFor("sagittal", EYE) == 2
+    side = {"b": sagittal([3, 8])}
+    assert planning.resolveAxis(side, {"b": None}, "auto", EYE) == (2, False)
+    assert planning.resolveAxis(side, {"b": None}, "Axial", EYE) == (0, True)
+    assert planning.resolveAxis(side, {"b": None}, "1", EYE) == (1, True)
+    remembered = planning.WriteMemory.of(1, [4], axial([4]))
+    assert planning.resolveAxis(side, {"b": remembered}, "auto", EYE) == (1, False)
+    for bad in (5, "oblique"):
+        with pytest.raises(OFLSAM2UserError, match="Slice axis must be"):
+            planning.resolveAxis(side, {"b": None}, bad, EYE)
+    with pytest.raises(OFLSAM2UserError, match="paint the structure"):
+        planning.resolveAxis({"e": np.zeros((4, 4, 4), np.uint8)}, {"e": None}, "auto", EYE)
+    names = {"a": "liver", "b": "spleen"}
+    paints = {"a": axial([2, 6]), "b": sagittal([3, 8])}
+    planning.checkPaintAxis({"a": paints["a"]}, names, 0, True, EYE)
+    with pytest.raises(OFLSAM2UserError, match=r"Segments 'liver' \(axial\) and 'spleen'"):
+        planning.checkPaintAxis(paints, names, 0, False, EYE)
+    with pytest.raises(OFLSAM2UserError, match="'spleen' is painted on sagittal slices but"):
+        planning.checkPaintAxis({"b": paints["b"]}, names, 0, True, EYE)
+
+
+def test_planning_window_groups_and_merge():
+    assert planning.sliceWindow(10, None) == (0, 9)
+    assert planning.sliceWindow(10, (8, 3)) == (3, 8)
+    assert planning.sliceWindow(10, (5, 40)) == (5, 9)
+    with pytest.raises(OFLSAM2UserError, match="outside the volume's slices 0..9"):
+        planning.sliceWindow(10, (20, 30))
+    originals = {"a": axial([2, 6]), "b": axial([2, 6], rows=slice(0, 2)), "c": axial([3, 8])}
+    names = {"a": "liver", "b": "spleen", "c": "kidney"}
+    memories = dict.fromkeys(originals)
+    layout = planning.findLayout(originals, memories, names, "auto", (1, 8), EYE)
+    assert (layout.axis, layout.orientation, layout.lo, layout.hi) == (0, "axial", 1, 8)
+    assert layout.annotated == {"a": [2, 6], "b": [2, 6], "c": [3, 8]}
+    groups = planning.groupSegments(["a", "b", "c"], layout)
+    assert [(g.segmentIds, g.values, g.slices) for g in groups] == [
+        (["a", "b"], [1, 2], [1, 5]),  # window coordinates: slice 2 is the window's slice 1
+        (["c"], [3], [2, 7]),
+    ]
+    assert groups[0].sparse.shape == (8, 12, 12)
+    assert set(np.unique(groups[0].sparse)) == {0, 1, 2}
+    # the engine answers "everywhere" for each segment: inside the window only, paint kept
+    labels = [np.full(g.sparse.shape, g.values[0], np.uint8) for g in groups]
+    merged = planning.merge(layout, groups, labels, originals)
+    a = merged["a"]
+    assert a[1:9][[0, 2, 3, 4, 6, 7]].all() and not a[[0, 9]].any()
+    np.testing.assert_array_equal(a[[2, 6]], originals["a"][[2, 6]])
+    np.testing.assert_array_equal(merged["b"][[1, 3, 4, 5, 7, 8]], 0)  # label 2 never answered
+    assert planning.slicesChanged(a, originals["a"], 0) == 6
+    with pytest.raises(RuntimeError, match="2 groups"):
+        planning.merge(layout, groups, labels[:1], originals)
+    with pytest.raises(OFLSAM2UserError, match="'kidney' has no painted slice within slices 6..7"):
+        planning.findLayout(originals, memories, names, "auto", (6, 7), EYE)
 
 
 # ---------------------------------------------------------------- mechanics (stand-in engine)
@@ -388,7 +489,7 @@ def test_memory_is_dropped_after_undo(mrml, ct, fake_logic):
 
 def test_segments_painted_on_different_slices_are_fitted_apart(mrml, ct, fake_logic):
     seg = load_segmentation(mrml.scene, "Groups")
-    left = three_slices(ct.truth[LEFT_LUNG])
+    left = painted_slices(ct.truth[LEFT_LUNG])
     right = [t + 1 for t in ct.painted]
     for sid, slices in ((RIGHT_LUNG, right), (LEFT_LUNG, left)):
         slicer.util.updateSegmentBinaryLabelmapFromArray(
@@ -478,7 +579,7 @@ def test_cancel_leaves_the_segmentation_unchanged(mrml, ct):
             gate.set()
             return super().propagate(progress, cancel)
 
-    logic = OFLSAM2Logic(lambda options: Slow(options, delay=0.05))
+    logic = OFLSAM2Logic(lambda settings: Slow(settings, delay=0.05))
     seg = painted_segmentation(mrml, ct, "Cancel")
     before = masks(seg, ct.volume)
     job = logic.startPropagation(ct.volume, seg, [RIGHT_LUNG])
@@ -519,14 +620,18 @@ def test_edits_during_propagation_are_not_overwritten(mrml, ct):
 
 def test_progress_and_status_line():
     seen = threading.Event()
+    step = threading.Event()
 
     def work(progress, cancel):
-        progress("propagate 'right lung'", 2, 10)
+        progress(ProgressEvent(PROPAGATE, 5, 2, 10))
+        seen.set()
+        step.wait(10)
+        progress(ProgressEvent(FIT, 5, 1, 4))
         seen.set()
         cancel.wait(10)
-        progress("propagate 'right lung'", 3, 10)  # raises Cancelled: cancel was asked for
+        progress(ProgressEvent(PROPAGATE, 5, 3, 10))  # raises Cancelled: cancel was asked for
 
-    task = BackgroundTask(work)
+    task = BackgroundTask(work, names={5: "right lung"})
     assert task.poll().text() == "Ready"
     task.start()
     assert seen.wait(10)
@@ -537,9 +642,43 @@ def test_progress_and_status_line():
         10,
         "running",
     )
+    assert status.event == ProgressEvent(PROPAGATE, 5, 2, 10)
     assert "2/10" in status.text() and "s/slice" in status.text()
+    seen.clear()
+    step.set()
+    assert seen.wait(10)
+    status = task.poll()
+    assert status.stage == "fit 'right lung'" and "1/4" in status.text()
+    assert "s/step" in status.text()  # training steps, not slices
     task.cancel()
     assert task.wait(10).state == "cancelled"
+
+
+def test_cancelled_download_is_not_a_cancelled_propagation():
+    def work(progress, cancel):
+        cancel.wait(10)
+        progress(ProgressEvent("downloading", None, 1, 10))
+
+    task = BackgroundTask(work, kind=DOWNLOAD)
+    task.start()
+    task.cancel()
+    status = task.wait(10)
+    assert status.state == "cancelled"
+    error = taskError(status)
+    assert isinstance(error, DownloadCancelled) and not isinstance(error, PropagationCancelled)
+    assert str(error).startswith("Download cancelled")
+    assert status.text().startswith("Download cancelled")
+
+
+def test_engine_errors_become_one_line_user_errors():
+    error = userError(WeightsError("weights are corrupt: download them again\ndetails"))
+    assert isinstance(error, OFLSAM2UserError)
+    assert str(error) == "weights are corrupt: download them again"
+    missing = userError(ModuleNotFoundError("No module named 'torch'", name="torch"))
+    assert str(missing).startswith("The OFL-SAM2 engine cannot load (torch is missing)")
+    assert userError(RuntimeError("a bug")) is None  # shown with its traceback instead
+    failed = types.SimpleNamespace(state="failed", error=InputError("bad slice\nmore"))
+    assert str(taskError(failed)) == "bad slice"
 
 
 # ---------------------------------------------------------------- clear errors
@@ -587,7 +726,7 @@ def test_error_paint_on_different_axes(mrml, ct, fake_logic):
     slicer.util.updateSegmentBinaryLabelmapFromArray(
         keep_slices(ct.truth[RIGHT_LUNG], ct.painted), seg, RIGHT_LUNG, ct.volume
     )
-    sagittal = three_slices(ct.truth[LEFT_LUNG], axis=2)
+    sagittal = painted_slices(ct.truth[LEFT_LUNG], axis=2)
     slicer.util.updateSegmentBinaryLabelmapFromArray(
         keep_slices(ct.truth[LEFT_LUNG], sagittal, axis=2), seg, LEFT_LUNG, ct.volume
     )
@@ -602,7 +741,7 @@ def test_error_paint_on_different_axes(mrml, ct, fake_logic):
 
 
 def test_error_engine_messages_pass_through(mrml, ct):
-    def missing(options):
+    def missing(settings):
         raise WeightsError(
             "weights for sam2.1_hiera_tiny are missing: run `oflsam2 weights download ...`"
         )
@@ -619,26 +758,46 @@ def test_options_from_panel_choices():
     options = PropagationOptions.fromChoices(
         Model.SAM21_SMALL, Quality.FAST, sliceAxis=SliceAxis.CORONAL, fitSteps=0, sliceRange=(3, 9)
     )
-    assert (options.backbone, options.model, options.image_size) == (
+    settings = options.settings
+    assert (settings.backbone, settings.model, settings.image_size) == (
         "sam2",
         "sam2.1_hiera_small",
         512,
     )
-    assert (options.axis, options.slice_range, options.fit_steps) == ("coronal", (3, 9), None)
-    assert PropagationOptions.fromChoices(Model.LITEMEDSAM).backbone == "litemedsam"
+    assert (options.axis, options.slice_range, settings.fit_steps) == ("coronal", (3, 9), None)
+    assert PropagationOptions.fromChoices(Model.LITEMEDSAM).settings.backbone == "litemedsam"
     assert {m.label() for m in Model} >= {"SAM2.1 tiny", "LiteMedSAM (offline)"}
+    # the panel's defaults are the engine's
+    assert PropagationOptions.fromChoices().settings == DEFAULTS
+    assert PropagationOptions().settings == DEFAULTS
+    assert Model.default().applyTo(DEFAULTS) == DEFAULTS
+    assert (Quality.default().value, Device.default().value) == (
+        DEFAULTS.image_size,
+        DEFAULTS.device,
+    )
+    # what needs a new segmenter: the engine's key (LiteMedSAM ignores SAM2's model and size)
+    lite = PropagationOptions.fromChoices(Model.LITEMEDSAM, Quality.FAST).settings
+    assert lite.engine_key() == DEFAULTS.engine_key()
+    assert options.settings.engine_key() != DEFAULTS.engine_key()
+    assert PropagationOptions.build(gamma=0.8, axis=2).settings == DEFAULTS.replace(gamma=0.8)
+
+
+def test_bad_settings_are_user_errors(mrml, ct, fake_logic):
+    seg = painted_segmentation(mrml, ct, "BadSettings")
+    with pytest.raises(OFLSAM2UserError, match="gamma"):
+        fake_logic.propagate(ct.volume, seg, [RIGHT_LUNG], gamma=1.5)
 
 
 # ---------------------------------------------------------------- export, scene life cycle
 
 
 @pytest.mark.parametrize("suffix", [".seg.nrrd", ".nii.gz"])
-def test_export_on_the_volume_grid(mrml, ct, fake_logic, tmp_path, suffix):
+def test_export_on_the_volume_grid(mrml, ct, fake_logic, tmp_path, suffix, sample_ct):
     seg = load_segmentation(mrml.scene, f"Export{suffix}")
     path = fake_logic.exportSegments(
         seg, [RIGHT_LUNG, LEFT_LUNG], ct.volume, str(tmp_path / f"out{suffix}")
     )
-    reference = read_image(slicerio.get_testdata_file("CTChest4.nrrd")).geometry
+    reference = sample_ct.geometry
     labels = read_labels(path, reference)
     assert labels.geometry.differences(reference) == []
     np.testing.assert_array_equal(labels.array == 1, ct.truth[RIGHT_LUNG] > 0)
@@ -655,12 +814,10 @@ def test_export_rejects_unknown_format(mrml, ct, fake_logic, tmp_path):
 
 
 def test_segmenter_dropped_with_its_volume(mrml, ct, fake_logic):
-    from oflsam2_slicer import logic as logic_module
-
-    volume = load_volume(mrml.scene, slicerio.get_testdata_file("CTChest4.nrrd"), "Temporary")
+    volume = load_volume(mrml.scene, CT_PATH, "Temporary")
     seg = painted_segmentation(mrml, ct, "Dropped")
     fake_logic.propagate(volume, seg, [RIGHT_LUNG])
-    store = logic_module._STORE
+    store = fake_logic.store
     assert volume.GetID() in store.sessions
     vid = volume.GetID()
     mrml.scene.RemoveNode(volume)
@@ -670,6 +827,20 @@ def test_segmenter_dropped_with_its_volume(mrml, ct, fake_logic):
     assert store.sessions and store.written
     mrml.scene.InvokeEvent(mrml.scene.EndCloseEvent)  # what closing the scene sends
     assert not store.sessions and not store.written and not store.histories
+
+
+def test_each_logic_owns_its_store_and_cleanup_stops_observing(mrml, ct, fake_logic):
+    seg = painted_segmentation(mrml, ct, "Owned")
+    fake_logic.propagate(ct.volume, seg, [RIGHT_LUNG])
+    other = OFLSAM2Logic(FakeSegmenter)
+    assert not other.store.sessions and not other.canUndo(seg)
+    store = fake_logic.store
+    assert store.watching and store.sessions
+    fake_logic.cleanup()
+    assert not store.watching and not store.sessions and not store.written
+    store.sessions["sentinel"] = None
+    mrml.scene.InvokeEvent(mrml.scene.EndCloseEvent)
+    assert "sentinel" in store.sessions  # its observers are gone
 
 
 # ---------------------------------------------------------------- the real engine
@@ -690,16 +861,22 @@ def litemedsam_run(mrml, ct, engine):
     """One LiteMedSAM propagation of the right lung from three painted slices, shared by checks."""
     seg = painted_segmentation(mrml, ct, "LiteMedSAM")
     before = masks(seg, ct.volume)
+    logic = OFLSAM2Logic()
     t0 = time.perf_counter()
-    result = OFLSAM2Logic().propagate(
-        ct.volume, seg, [RIGHT_LUNG], backbone="litemedsam", **ENGINE_OPTIONS
-    )
+    result = logic.propagate(ct.volume, seg, [RIGHT_LUNG], backbone="litemedsam", **ENGINE_OPTIONS)
     seconds = time.perf_counter() - t0
     return types.SimpleNamespace(
-        seg=seg, before=before, after=masks(seg, ct.volume), result=result, seconds=seconds
+        logic=logic,
+        seg=seg,
+        before=before,
+        after=masks(seg, ct.volume),
+        result=result,
+        seconds=seconds,
     )
 
 
+@pytest.mark.slow
+@pytest.mark.engine
 def test_litemedsam_quality_on_unpainted_slices(ct, litemedsam_run):
     truth = ct.truth[RIGHT_LUNG]
     got = litemedsam_run.after[RIGHT_LUNG]
@@ -708,9 +885,11 @@ def test_litemedsam_quality_on_unpainted_slices(ct, litemedsam_run):
     print(
         f"LiteMedSAM right lung, 3 painted slices: Dice {score:.3f} in {litemedsam_run.seconds:.1f} s"
     )
-    assert score >= DICE_FLOOR_LITEMEDSAM
+    assert score >= RIGHT_LUNG_LITEMEDSAM_FLOOR
 
 
+@pytest.mark.slow
+@pytest.mark.engine
 def test_litemedsam_keeps_paint_and_other_segments(ct, litemedsam_run):
     run = litemedsam_run
     for sid in ALL_SEGMENTS:
@@ -722,6 +901,8 @@ def test_litemedsam_keeps_paint_and_other_segments(ct, litemedsam_run):
     assert run.result.encoderCalls >= run.result.encodedSlices > 0
 
 
+@pytest.mark.slow
+@pytest.mark.engine
 def test_repropagation_encodes_no_slice_twice(mrml, ct, litemedsam_run):
     run = litemedsam_run
     first = run.result.encoderCalls
@@ -730,7 +911,7 @@ def test_repropagation_encodes_no_slice_twice(mrml, ct, litemedsam_run):
     corrected = propagated.copy()
     corrected[fourth] = ct.truth[RIGHT_LUNG][fourth]
     slicer.util.updateSegmentBinaryLabelmapFromArray(corrected, run.seg, RIGHT_LUNG, ct.volume)
-    result = OFLSAM2Logic().propagate(
+    result = run.logic.propagate(  # the same logic: its session keeps the encoded slices
         ct.volume, run.seg, [RIGHT_LUNG], backbone="litemedsam", **ENGINE_OPTIONS
     )
     print(f"re-propagation: encoder calls {first} -> {result.encoderCalls}, {result.seconds:.1f} s")
@@ -742,11 +923,15 @@ def test_repropagation_encodes_no_slice_twice(mrml, ct, litemedsam_run):
     np.testing.assert_array_equal(after[fourth], ct.truth[RIGHT_LUNG][fourth])
 
 
+@pytest.mark.slow
+@pytest.mark.engine
 def test_engine_cancel_leaves_segmentation_unchanged(mrml, ct, engine):
     seg = painted_segmentation(mrml, ct, "EngineCancel")
     before = masks(seg, ct.volume)
     logic = OFLSAM2Logic()
-    job = logic.startPropagation(ct.volume, seg, [RIGHT_LUNG], PropagationOptions(**ENGINE_OPTIONS))
+    job = logic.startPropagation(
+        ct.volume, seg, [RIGHT_LUNG], PropagationOptions.build(**ENGINE_OPTIONS)
+    )
     job.cancel()
     assert job.wait(120).state == "cancelled"
     with pytest.raises(PropagationCancelled):
@@ -756,6 +941,8 @@ def test_engine_cancel_leaves_segmentation_unchanged(mrml, ct, engine):
         np.testing.assert_array_equal(after[sid], before[sid], err_msg=sid)
 
 
+@pytest.mark.slow
+@pytest.mark.engine
 def test_oblique_volume_gives_the_same_result(mrml, ct, engine):
     """Same voxels, rotated IJK-to-RAS: the same labels on each volume's own grid (real engine)."""
     span = (ct.painted[0], ct.painted[0] + 4)  # a short slice range keeps the two runs quick
@@ -780,6 +967,8 @@ def test_oblique_volume_gives_the_same_result(mrml, ct, engine):
     assert same, f"oblique and straight results differ (Dice {score:.4f})"
 
 
+@pytest.mark.slow
+@pytest.mark.engine
 def test_sam2_random_weights_mechanics(mrml, ct, engine):
     seg = painted_segmentation(mrml, ct, "SAM2")
     before = masks(seg, ct.volume)

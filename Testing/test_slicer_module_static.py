@@ -245,8 +245,22 @@ def test_slicer_requirements_cover_the_engine():
     )
 
 
+def test_planning_needs_no_mrml():
+    """The planning module works on numpy arrays only, so it is testable without a scene."""
+    path = MODULE_DIR / "oflsam2_slicer" / "planning.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    relative = {
+        node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level > 0 and node.module
+    }
+    assert relative <= {"errors"}, f"planning.py imports glue modules {sorted(relative)}"
+    for name in _imports(path):
+        assert not (_is(name, "slicer") or _is(name, "vtk")), f"planning.py imports {name}"
+
+
 def test_dependency_check_knows_every_requirement():
-    from oflsam2_slicer.logic import REQUIRED_IMPORTS
+    from oflsam2_slicer import REQUIRED_IMPORTS
 
     slicer_reqs = _requirement_names(REQUIREMENTS.read_text(encoding="utf-8").splitlines())
     checked = _requirement_names(REQUIRED_IMPORTS.values())

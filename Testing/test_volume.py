@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+from conftest import RIGHT_LUNG, SEG_PATH
 from scipy.spatial.transform import Rotation
 
 from oflsam2 import volume
@@ -21,8 +22,6 @@ ROT = Rotation.from_rotvec([0.3, -0.2, 0.5]).as_matrix()  # oblique: no axis ali
 OBLIQUE = tuple(float(v) for v in ROT.ravel())
 SHAPE = (5, 6, 7)  # (k, j, i)
 FORMATS = [".nrrd", ".nii.gz", ".mha"]
-CT = slicerio.get_testdata_file("CTChest4.nrrd")
-SEG = slicerio.get_testdata_file("Segmentation.seg.nrrd")
 
 
 def _image_array() -> np.ndarray:
@@ -259,10 +258,9 @@ def test_cropped_label_map_is_padded_exactly(tmp_path):
 # ------------------------------------------------------------------ .seg.nrrd from Slicer
 
 
-def test_slicer_segmentation_sample(tmp_path):
-    ct = volume.read_image(CT)
+def test_slicer_segmentation_sample(tmp_path, sample_ct, sample_labels):
+    ct, lab = sample_ct, sample_labels  # read with volume.read_image and volume.read_labels
     assert ct.array.shape == (34, 128, 128)
-    lab = volume.read_labels(SEG, reference=ct.geometry)
     assert lab.names == {
         1: "ribs",
         2: "cervical vertebral column",
@@ -272,20 +270,20 @@ def test_slicer_segmentation_sample(tmp_path):
         6: "left lung",
         7: "tissue",
     }
-    ref = slicerio.read_segmentation(SEG)
+    ref = slicerio.read_segmentation(SEG_PATH)
     expected = np.asarray(ref["voxels"]).transpose(2, 1, 0)
     np.testing.assert_array_equal(lab.array, expected)
-    assert int((lab.array == 5).sum()) == int((expected == 5).sum()) > 1000
-    np.testing.assert_allclose(lab.colors[5], (0.0862745, 0.772549, 0.278431), atol=1e-6)
+    assert int((lab.array == RIGHT_LUNG).sum()) == int((expected == RIGHT_LUNG).sum()) > 1000
+    np.testing.assert_allclose(lab.colors[RIGHT_LUNG], (0.0862745, 0.772549, 0.278431), atol=1e-6)
 
     out = tmp_path / "copy.seg.nrrd"
     volume.write_labels(out, lab.array, ct.geometry, lab.names, lab.colors)
     back = volume.read_labels(out, reference=ct.geometry)
     np.testing.assert_array_equal(back.array, lab.array)
     assert back.names == lab.names
-    np.testing.assert_allclose(back.colors[5], lab.colors[5], atol=1e-6)
+    np.testing.assert_allclose(back.colors[RIGHT_LUNG], lab.colors[RIGHT_LUNG], atol=1e-6)
     seg = slicerio.read_segmentation(str(out))
-    assert {s["name"]: s["labelValue"] for s in seg["segments"]}["right lung"] == 5
+    assert {s["name"]: s["labelValue"] for s in seg["segments"]}["right lung"] == RIGHT_LUNG
 
 
 # ------------------------------------------------------------------ writing

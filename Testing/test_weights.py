@@ -370,8 +370,10 @@ def test_list_models(fake, home):
 
 
 # ------------------------------------------------------------------ SAM2.1: no published hash
+# (slow: these build a SAM2.1 tiny checkpoint, 156 MB, and load it strictly)
 
 
+@pytest.mark.slow
 def test_sam21_download_verifies_records_and_detects_corruption(sam21_checkpoint, server, home):
     url = f"{server}/{sam21_checkpoint.name}"
     path = weights.download(SAM21, url=url)
@@ -395,6 +397,7 @@ def test_sam21_download_verifies_records_and_detects_corruption(sam21_checkpoint
     )
 
 
+@pytest.mark.slow
 def test_sam21_import_by_file_name(sam21_checkpoint, home):
     path = weights.import_file(sam21_checkpoint)  # name recognised from "sam2.1_hiera_tiny.pt"
     assert path == home / "sam2.1_hiera_tiny.pt"
@@ -403,6 +406,7 @@ def test_sam21_import_by_file_name(sam21_checkpoint, home):
     assert weights.status(SAM21) == "cached"
 
 
+@pytest.mark.slow
 def test_sam21_wrong_model_rejected(sam21_checkpoint, home):
     with pytest.raises(WeightsError) as exc:
         weights.import_file(sam21_checkpoint, name="sam2.1_hiera_small")
@@ -411,6 +415,7 @@ def test_sam21_wrong_model_rejected(sam21_checkpoint, home):
     assert _files(home) == []
 
 
+@pytest.mark.slow
 def test_non_checkpoints_rejected(served, server, home, tmp_path):
     import torch
 
@@ -436,6 +441,7 @@ def test_non_checkpoints_rejected(served, server, home, tmp_path):
     assert _files(home) == []
 
 
+@pytest.mark.slow
 def test_sam21_truncated_file_rejected(sam21_checkpoint, home, tmp_path):
     truncated = tmp_path / "sam2.1_hiera_tiny.pt"
     with open(sam21_checkpoint, "rb") as fh:
@@ -445,6 +451,7 @@ def test_sam21_truncated_file_rejected(sam21_checkpoint, home, tmp_path):
     assert _files(home) == []
 
 
+@pytest.mark.slow
 def test_sam21_copied_by_hand_is_verified_on_first_use(sam21_checkpoint, home):
     home.mkdir(parents=True)
     target = home / "sam2.1_hiera_tiny.pt"

@@ -135,8 +135,7 @@ def run_fill_between(cases: list[Case], device: str) -> list[Row]:
         preds = fill_between_slices_many([c.sparse for c in sel], AXIS, spacing)
         each = (time.perf_counter() - t0) / len(sel)
         rows += [
-            score("fill_between_slices", None, c, p, each)
-            for c, p in zip(sel, preds, strict=True)
+            score("fill_between_slices", None, c, p, each) for c, p in zip(sel, preds, strict=True)
         ]
     return rows
 

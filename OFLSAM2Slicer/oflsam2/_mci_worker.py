@@ -1,8 +1,8 @@
 """Child process that runs ITK's MorphologicalContourInterpolator ("Fill between slices").
 
 It lives in its own process because the ``itk`` package's contour interpolator and
-SimpleITK corrupt each other's heap when loaded together (facts.md). It must therefore
-import neither SimpleITK nor anything of oflsam2 that does: only numpy and itk.
+SimpleITK corrupt each other's heap when loaded together (the process crashes). It must
+therefore import neither SimpleITK nor anything of oflsam2 that does: only numpy and itk.
 
 Protocol (private to :mod:`oflsam2.baselines`, which runs this file by path, so that not even
 ``oflsam2/__init__.py`` is imported): ``python _mci_worker.py DIR`` where
@@ -65,10 +65,9 @@ if __name__ == "__main__":
     try:
         code = main(sys.argv[1:])
     except Exception as exc:  # report one line; the parent turns it into an error
-        print(
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
-            file=sys.stderr,
-        )
+        # (oflsam2.errors.first_line, which this worker may not import)
+        lines = str(exc).strip().splitlines()
+        print(f"{type(exc).__name__}: {lines[0] if lines else ''}", file=sys.stderr)
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .files import atomic_path, write_atomic
 from .settings import DEFAULTS
 
 DEFAULT_SEGMENT = "right lung"
@@ -129,7 +130,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "slices_encoded": seg.encoder_calls,
         "online_updates": result.online_updates,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_atomic(out / "report.json", json.dumps(report, indent=2))
     draw_overview(
         out / "overview.png",
         image.array,
@@ -185,7 +186,8 @@ def draw_overview(path, image, sparse, result, truth, value, painted, d_ofl, d_f
         fontsize=11,
     )
     fig.tight_layout(h_pad=1.6)
-    tmp = Path(path).with_name(".overview.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)

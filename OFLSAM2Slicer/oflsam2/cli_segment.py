@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .errors import InputError
+from .files import write_atomic
 from .progress import ProgressEvent
 from .settings import BACKBONES, DEFAULTS, DEVICES, IMAGE_SIZES, ROI_MODES, Settings
 
@@ -267,6 +268,4 @@ def write_json(path: str, report: dict) -> None:
     p = Path(path)
     if not p.parent.exists():
         raise InputError(f"folder of --json {p} does not exist: create it first")
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(p)
+    write_atomic(p, json.dumps(report, indent=2))

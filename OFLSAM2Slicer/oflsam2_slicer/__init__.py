@@ -3,24 +3,34 @@
 Needs ``slicer`` (MRML and ``slicer.util``) but never Qt, so the same code runs inside
 Slicer, in Slicer's Python console without a GUI, and under the ``slicer-core`` pip
 package in tests. The GUI lives in ``OFLSAM2Slicer.py`` and only wires widgets to this.
+
+Modules: ``errors`` (user errors, engine errors as one-line messages), ``options`` (the
+panel's choices, :class:`PropagationOptions`), ``task`` (background thread, status),
+``planning`` (paint, axis, groups, merging: numpy only), ``mrmlio`` (reading, writing and
+exporting nodes), ``store`` (per-volume sessions, write memories, undo histories), ``job``
+(one propagation), ``dependencies`` (Python packages, model weights) and ``logic``
+(:class:`OFLSAM2Logic`, which ties them together).
 """
 
-from .logic import (
-    Device,
-    Model,
-    OFLSAM2Logic,
+from .dependencies import REQUIRED_IMPORTS
+from .errors import (
+    DownloadCancelled,
     OFLSAM2UserError,
     PropagationCancelled,
-    PropagationJob,
-    PropagationOptions,
-    PropagationResult,
-    Quality,
-    SliceAxis,
-    TaskStatus,
+    TaskCancelled,
+    userError,
+    userMessage,
 )
+from .job import PropagationJob, PropagationResult
+from .logic import OFLSAM2Logic
+from .options import Device, Model, PropagationOptions, Quality, SliceAxis
+from .task import BackgroundTask, TaskStatus, taskError
 
 __all__ = [
+    "REQUIRED_IMPORTS",
+    "BackgroundTask",
     "Device",
+    "DownloadCancelled",
     "Model",
     "OFLSAM2Logic",
     "OFLSAM2UserError",
@@ -30,5 +40,9 @@ __all__ = [
     "PropagationResult",
     "Quality",
     "SliceAxis",
+    "TaskCancelled",
     "TaskStatus",
+    "taskError",
+    "userError",
+    "userMessage",
 ]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import WeightsError
+from ..errors import WeightsError, first_line
 from .base import (
     ABSENT_LOGIT,
     NOT_DECODED_LOGIT,
@@ -96,9 +96,7 @@ class LiteMedSAMBackbone(Backbone):
                 raise RuntimeError("not a state dict")
             model.load_state_dict(state, strict=True)
         except Exception as exc:  # torch raises many kinds on corrupt or foreign files
-            detail = (
-                str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-            )
+            detail = first_line(exc, 120)
             fix = (
                 "give the lite_medsam.pth state dict as --checkpoint"
                 if checkpoint is not None

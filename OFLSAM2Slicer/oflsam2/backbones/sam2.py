@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError, WeightsError
+from ..errors import InputError, WeightsError, first_line
 from .base import Backbone, Decoded, Encoded, Prediction, SegmentView, Tracker, pick_device
 
 if TYPE_CHECKING:
@@ -319,7 +319,6 @@ def _load_strict(net: torch.nn.Module, path: str, name: str) -> None:
     try:
         net.load_state_dict(sd, strict=True)
     except (RuntimeError, TypeError) as exc:
-        first = str(exc).splitlines()[0][:160]
         raise WeightsError(
-            f"checkpoint {path} does not fit {name} ({first}): pick the matching --model"
+            f"checkpoint {path} does not fit {name} ({first_line(exc)}): pick the matching --model"
         ) from None
