@@ -201,3 +201,44 @@ def test_learner_file_round_trip_without_pickle(tmp_path, run):
     (tmp_path / "bad.npz").write_bytes(b"not a learner")
     with pytest.raises(InputError, match="not an oflsam2 learner"):
         other.load_learner_state(tmp_path / "bad.npz")
+
+
+def test_same_seed_gives_identical_output_and_leaves_the_global_rng_alone(synthetic):
+    img, _, sparse = synthetic
+    quick = RANDOM_SAM2.replace(fit_steps=3, seed=7)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    outputs = []
+    for _ in range(2):
+        seg = OFLSegmenter(quick)  # random-init SAM2: its weights come from the seed too
+        seg.set_volume(img)
+        seg.fit(sparse)
+        outputs.append(seg.propagate().labels)
+    assert torch.equal(torch.get_rng_state(), before)  # the host's RNG was not touched
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    other = OFLSegmenter(quick.replace(seed=8))
+    first = next(OFLSegmenter(quick).backbone.net.parameters())
+    assert not torch.equal(first, next(other.backbone.net.parameters()))
+
+
+def test_each_segment_has_its_own_painted_slices(synthetic):
+    """A slice painted with segment 1 only says nothing about segment 2 there."""
+    img, truth, _ = synthetic
+    sparse = np.zeros_like(truth)
+    for s in (3, 7):
+        sparse[s][truth[s] == 2] = 2
+    for s in (3, 5, 7):
+        sparse[s][truth[s] == 1] = 1
+    seg = OFLSegmenter(RANDOM_SAM2.replace(fit_steps=3, online=False))
+    seg.set_volume(img)
+    seg.fit(sparse)
+    result = seg.propagate()
+    assert 5 in result.predicted_slices[2]  # slice 5 is not annotated for segment 2
+    assert 5 not in result.predicted_slices[1]
+    np.testing.assert_array_equal(result.labels[5][sparse[5] == 1], 1)  # paint kept
+    explicit = OFLSegmenter(RANDOM_SAM2.replace(fit_steps=3, online=False))
+    explicit.set_volume(img)
+    explicit.fit(sparse, slices=[3, 5, 7])  # named slices: fully annotated, 0 = absent
+    named = explicit.propagate()
+    assert 5 not in named.predicted_slices[2]
+    np.testing.assert_array_equal(named.labels[5], sparse[5])

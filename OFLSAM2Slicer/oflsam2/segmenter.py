@@ -6,6 +6,7 @@ stored as float16 and read by fitting, propagation, re-propagation and online up
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -74,7 +75,7 @@ class _View:
     def __init__(self, owner: OFLSegmenter, value: int) -> None:
         self._owner = owner
         self.value = value
-        self.annotated = list(owner.annotation.slices)
+        self.annotated = owner._annotated_for(value)
         self.n_slices = owner._n_slices()
 
     def features(self, t: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -122,7 +123,8 @@ class OFLSegmenter:
 
     def __init__(self, settings: Settings = DEFAULTS) -> None:
         self.settings = settings
-        self.backbone: Backbone = build_backbone(settings)
+        with _private_rng(settings.seed):  # random-init SAM2 draws its weights here
+            self.backbone: Backbone = build_backbone(settings)
         self.encoder_calls = 0
         self._array: np.ndarray | None = None
         self.geometry: vol.Geometry | None = None
@@ -134,11 +136,16 @@ class OFLSegmenter:
         self.annotation: vol.Annotation | None = None
         self.window: tuple[float, float] | None = None
         self.roi: Roi | None = None
-        self._gen = torch.Generator().manual_seed(settings.seed)
         self.fit_seconds = 0.0
         self.encode_seconds = 0.0  # all encoding so far; fit and propagate timings exclude it
         self._fit_encode_seconds = 0.0
-        torch.manual_seed(settings.seed)
+        self._seed(settings.seed)
+
+    def _seed(self, seed: int) -> None:
+        """The engine's own random streams; the host's global RNG (Slicer's Python) is untouched."""
+        self._gen = torch.Generator().manual_seed(seed)  # augmentation, online batches
+        with _private_rng(seed):
+            self._init_rng = torch.get_rng_state()  # learner initialisation
 
     # ---------------------------------------------------------------- volume
     def set_volume(
@@ -177,8 +184,13 @@ class OFLSegmenter:
             raise ValueError(f"reset() cannot change {', '.join(changed)}: make a new segmenter")
         self.settings = settings
         self._segments.clear()
-        self._gen = torch.Generator().manual_seed(settings.seed)
-        torch.manual_seed(settings.seed)
+        self._seed(settings.seed)
+
+    def _annotated_for(self, value: int) -> list[int]:
+        """Slices annotated for segment ``value``: those painted with it, or every named slice
+        when the slices were named (then an empty one says "absent here")."""
+        ann = self.annotation
+        return list(ann.slices) if ann.explicit else list(ann.per_segment.get(value, []))
 
     @property
     def cached_slices(self) -> list[int]:
@@ -304,7 +316,10 @@ class OFLSegmenter:
         seg = self._segments.get(value)
         warm = seg is not None
         if seg is None:
-            learner = Learner(self.backbone.embed_shape[0]).to(self.backbone.device)
+            with _private_rng(state=self._init_rng):
+                learner = Learner(self.backbone.embed_shape[0])
+                self._init_rng = torch.get_rng_state()
+            learner.to(self.backbone.device)
             optimizer = torch.optim.Adam(learner.parameters(), lr=s.learning_rate)
             seg = self._segments[value] = _Segment(value, learner, optimizer)
         seg.tracker = self.backbone.tracker(s, _View(self, value))
@@ -336,7 +351,7 @@ class OFLSegmenter:
 
     def _annotated_samples(self, seg: _Segment) -> list[Sample]:
         out = []
-        for a in self.annotation.slices:
+        for a in seg.tracker.view.annotated:
             mask = self._slice(self._sparse, a) == seg.value
             use, box = seg.tracker.training_box(mask)
             if not use:
@@ -401,8 +416,14 @@ class OFLSegmenter:
             fg = np.max(stack, axis=0) > 0
             out = np.where(fg, np.asarray(values, np.uint8)[best], 0).astype(np.uint8)
             self._put(labels, t, out)
-        for a in self.annotation.slices:
-            self._put(labels, a, self._slice(self._sparse, a))
+        ann = self.annotation
+        for a in ann.slices:
+            painted = self._slice(self._sparse, a)
+            if ann.explicit:  # named slices are fully annotated
+                self._put(labels, a, painted)
+            else:  # the paint wins; other segments' predictions keep the rest of the slice
+                plane = self._slice(labels, a)
+                self._put(labels, a, np.where(painted > 0, painted, plane))
         return labels
 
     def _put(self, labels: np.ndarray, t: int, plane: np.ndarray) -> None:
@@ -418,7 +439,7 @@ class OFLSegmenter:
         cancel: threading.Event | None,
     ) -> tuple[dict[int, np.ndarray], dict[int, float], int]:
         s = self.settings
-        ann = self.annotation.slices
+        ann = seg.tracker.view.annotated
         painted = [a for a in ann if np.any(self._slice(self._sparse, a) == seg.value)]
         lo, hi = painted[0], painted[-1]
         self._features(list(range(lo, hi + 1)), progress)
@@ -467,7 +488,7 @@ class OFLSegmenter:
     ) -> dict[int, tuple[np.ndarray, float]]:
         """Walk from ``start`` in direction ``step``; inside the painted range up to ``inner_end``,
         beyond it until the structure has been absent for ``stop_after`` slices."""
-        ann = set(self.annotation.slices)
+        ann = set(seg.tracker.view.annotated)
         n = self._n_slices()
         out: dict[int, tuple[np.ndarray, float]] = {}
         absent = 0
@@ -513,7 +534,7 @@ class OFLSegmenter:
     ) -> tuple[np.ndarray, Prediction]:
         """One slice: encode if needed, the tracker's step and memory write, the online buffer."""
         if t not in self._cache:
-            ann = self.annotation.slices
+            ann = seg.tracker.view.annotated
             ahead = [t + step * k for k in range(self.backbone.encode_batch)]
             self._features([a for a in ahead if 0 <= a < self._n_slices() and a not in ann])
         f, hires = self._get(t)
@@ -615,6 +636,18 @@ def _sample(f, p, hires, target, box) -> Sample:
         target,
         box.cpu() if box is not None else None,
     )
+
+
+@contextlib.contextmanager
+def _private_rng(seed: int | None = None, state: torch.Tensor | None = None):
+    """Run torch's global-RNG draws (module initialisers) from a seed or a saved state, then
+    give the host process its global RNG back as it was."""
+    with torch.random.fork_rng(devices=[]):
+        if state is not None:
+            torch.set_rng_state(state)
+        elif seed is not None:
+            torch.manual_seed(seed)
+        yield
 
 
 def _check(cancel: threading.Event | None, message: str) -> None:
