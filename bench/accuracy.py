@@ -1,63 +1,57 @@
 """Accuracy benchmark: how well each method fills a volume from K painted slices.
 
-On the CT that ships in the ``slicerio`` wheel (34 x 128 x 128, 7 segments), each segment
-is "painted" on K slices chosen by :func:`oflsam2.baselines.choose_slices` along the axial
-axis (array axis 0), and each method fills in the rest. Reported per method, segment and K:
+Data and painting patterns: ``bench/cases.py`` (the slicerio chest CT's seven segments, plus
+the seven labelled volumes of ``../shared/data/dev`` when present). For every structure,
+pattern (``even``, ``ends``, ``cluster``) and K (default 2, 3, 5), the structure alone on its
+K painted slices is the sparse input and each method fills in the rest.
 
-- ``dice_unpainted``: Dice over the voxels of all slices that were not painted, taken
-  together (the 3D Dice restricted to the unpainted slices; false positives on slices
-  outside the structure count). Painted slices are copied by every method, so they would
-  only flatter the score.
-- ``dice_volume``: the 3D Dice over the whole volume.
-- ``hd95_mm``: 95th percentile symmetric surface distance over the whole volume, in mm.
-- ``seconds``: wall time of the method for that case (Fill between slices: its one
-  child process, ITK import included, shared out over the cases).
+Metrics, per case:
+- ``dice_unpainted``: the 3D Dice restricted to the slices that were not painted (all their
+  voxels taken together, slices outside the structure included, where false positives count).
+- ``fp_beyond``: voxels predicted outside the painted range [first, last painted slice], not in
+  the structure, as a fraction of the structure's volume (the "ends" pattern's false positives).
+- ``seconds``: wall time of the method for that case.
 
-Usage: ``python bench/accuracy.py [--methods ...] [--segments 5,6,3] [--k 2,3,5] [--csv PATH]``.
+Methods: ``fill_between_slices`` (Slicer's "Fill between slices", ITK in a child process),
+``nearest_slice`` (every slice copies the nearest painted one), ``litemedsam_box`` (LiteMedSAM box
+prompts walked slice to slice, ``bench/baselines_litemedsam.py``), and engine variants, each
+over the seeds given (``--seeds``): ``oflsam2`` (LiteMedSAM backbone, the defaults), and the
+ablation ``box_only`` (interpolated-shape box between painted slices, untrained learner, no walk
+beyond), ``learner`` (+ the trained learner), ``presence`` (+ the walk beyond the painted range
+with its stop signal), ``oflsam2`` (+ online learning). Engine variants of one painting share one
+segmenter's encoded slices (``OFLSegmenter.reset``): each is exactly what a fresh run gives.
+
+Reported: mean Dice on unpainted slices per (pattern, K) for every method; engine rows as mean
+± sd over seeds (of the per-seed means); mean ``fp_beyond`` for the ends pattern; a per-case CSV.
+
+Usage: ``python bench/accuracy.py [--data ct,dev] [--patterns even,ends,cluster] [--k 2,3,5]
+[--methods ...] [--seeds 0,1,2] [--structures NAME,...] [--csv PATH]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import math
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from baselines_litemedsam import litemedsam_box  # bench/, on sys.path when run as a script
 
-from oflsam2.baselines import choose_slices, fill_between_slices_many, nearest_slice
-from oflsam2.errors import first_line
-from oflsam2.metrics import dice, hd95
-from oflsam2.volume import Geometry, intensity_window, read_image, read_labels
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-AXIS = 0
-MIN_SLICES = 6
-# Reference numbers measured before this benchmark was written, with the same protocol:
-# mean Dice on unpainted slices over right lung, left lung and thoracic spine, K = 2 / 3 / 5.
-# The report prints them in brackets so that a change in a baseline shows.
-REFERENCE_SEGMENTS = (5, 6, 3)
-REFERENCE = {
-    "fill_between_slices": (0.668, 0.802, 0.836),
-    "nearest_slice_between": (0.629, 0.775, 0.794),
-    "litemedsam_box": (0.654, 0.639, 0.642),
-}
-BASELINES = ("fill_between_slices", "nearest_slice", "nearest_slice_between", "litemedsam_box")
+from cases import AXIS, PATTERNS, Volume, load_ct, load_dev, paint_slices, structures  # noqa: E402
+
+from oflsam2.metrics import dice  # noqa: E402
+
+BASELINES = ("fill_between_slices", "nearest_slice", "litemedsam_box")
+# Engine variants: Settings changes from the defaults (LiteMedSAM backbone), in ablation order.
 ENGINE = {
-    # name: (OFLSegmenter keyword arguments, label shown in the table)
-    "oflsam2_litemedsam": (dict(backbone="litemedsam", online=True), "OFL-SAM2, LiteMedSAM"),
-    "oflsam2_litemedsam_noonline": (
-        dict(backbone="litemedsam", online=False),
-        "OFL-SAM2, LiteMedSAM, no online learning",
-    ),
-    "oflsam2_sam2_random": (
-        dict(backbone="sam2", random_init=True),
-        "OFL-SAM2, SAM2 RANDOM WEIGHTS (mechanics only, not accuracy)",
-    ),
+    "box_only": dict(fit_steps=0, extend=False, online=False),
+    "learner": dict(extend=False, online=False),
+    "presence": dict(online=False),
+    "oflsam2": dict(),
 }
 METHODS = BASELINES + tuple(ENGINE)
 DEFAULT_CSV = Path(__file__).resolve().parent / "results" / "accuracy.csv"
@@ -65,76 +59,64 @@ DEFAULT_CSV = Path(__file__).resolve().parent / "results" / "accuracy.csv"
 
 @dataclass
 class Case:
-    segment: int
-    name: str
+    volume: Volume
+    value: int
+    pattern: str
     k: int
     slices: list[int]
-    truth: np.ndarray  # bool (k, j, i)
-    sparse: np.ndarray  # uint8, the segment's value on the painted slices
+    truth: np.ndarray = field(repr=False)  # bool (k, j, i)
+    sparse: np.ndarray = field(repr=False)  # uint8: the structure on its painted slices
+
+    @property
+    def structure(self) -> str:
+        return f"{self.volume.name}:{self.volume.structures[self.value]}"
 
 
 @dataclass
 class Row:
     method: str
-    segment: int
-    name: str
+    seed: int | None
+    structure: str
+    pattern: str
     k: int
     slices: list[int]
     dice_unpainted: float
-    dice_volume: float
-    hd95_mm: float
+    fp_beyond: float
     seconds: float
 
 
-def load_ct():
-    """The slicerio CT and its 7-segment label map, on the same grid."""
-    import slicerio
-
-    volume = read_image(slicerio.get_testdata_file("CTChest4.nrrd"))
-    labels = read_labels(slicerio.get_testdata_file("Segmentation.seg.nrrd"), volume.geometry)
-    return volume, labels
-
-
-def default_segments(labels: np.ndarray) -> list[int]:
-    """Every segment spanning at least MIN_SLICES slices along the axis (here: all 7)."""
-    other = tuple(a for a in range(3) if a != AXIS)
-    return [
-        int(v)
-        for v in np.unique(labels)
-        if v and np.count_nonzero(np.any(labels == v, axis=other)) >= MIN_SLICES
-    ]
+def make_cases(volumes: list[Volume], patterns, ks, only: set[str] | None) -> list[Case]:
+    out = []
+    for volume in volumes:
+        for value in structures(volume):
+            truth = volume.labels == value
+            name = f"{volume.name}:{volume.structures[value]}"
+            if only and not ({name, volume.name, volume.structures[value]} & only):
+                continue
+            for pattern in patterns:
+                for k in ks:
+                    slices = paint_slices(truth, pattern, k)
+                    sparse = np.zeros(truth.shape, np.uint8)
+                    sparse[slices] = truth[slices].astype(np.uint8) * value
+                    out.append(Case(volume, value, pattern, k, slices, truth, sparse))
+    return out
 
 
-def make_cases(
-    labels: np.ndarray, names: dict[int, str], segments: list[int], ks: list[int]
-) -> list[Case]:
-    cases = []
-    for value in segments:
-        truth = labels == value
-        for k in ks:
-            slices = choose_slices(truth, AXIS, k)
-            sparse = np.zeros(labels.shape, np.uint8)
-            idx = [slice(None)] * 3
-            idx[AXIS] = slices
-            sparse[tuple(idx)] = truth[tuple(idx)].astype(np.uint8) * value
-            cases.append(Case(value, names.get(value, str(value)), k, slices, truth, sparse))
-    return cases
-
-
-def score(method: str, case: Case, pred: np.ndarray, spacing_kji, seconds: float) -> Row:
-    mask = np.asarray(pred) == case.segment
-    unpainted = [t for t in range(mask.shape[AXIS]) if t not in case.slices]
-    a = np.take(mask, unpainted, axis=AXIS)
-    b = np.take(case.truth, unpainted, axis=AXIS)
+def score(method: str, seed: int | None, case: Case, pred: np.ndarray, seconds: float) -> Row:
+    mask = np.asarray(pred) == case.value
+    n = mask.shape[AXIS]
+    unpainted = [t for t in range(n) if t not in case.slices]
+    outside = [t for t in range(n) if t < case.slices[0] or t > case.slices[-1]]
+    fp = np.count_nonzero(mask[outside] & ~case.truth[outside]) if outside else 0
     return Row(
         method,
-        case.segment,
-        case.name,
+        seed,
+        case.structure,
+        case.pattern,
         case.k,
         case.slices,
-        dice(a, b),
-        dice(mask, case.truth),
-        hd95(mask, case.truth, spacing_kji),
+        dice(mask[unpainted], case.truth[unpainted]),
+        fp / max(1, int(np.count_nonzero(case.truth))),
         seconds,
     )
 
@@ -142,152 +124,160 @@ def score(method: str, case: Case, pred: np.ndarray, spacing_kji, seconds: float
 # ---------------------------------------------------------------- methods
 
 
-def run_fill_between(
-    cases: list[Case], array, geometry: Geometry, spacing_kji, device
-) -> list[np.ndarray]:
-    return fill_between_slices_many([c.sparse for c in cases], AXIS, spacing_kji)
+def run_fill_between(cases: list[Case], device: str) -> list[Row]:
+    from oflsam2.baselines import fill_between_slices_many
 
-
-def run_nearest(cases, array, geometry, spacing_kji, device) -> list[np.ndarray]:
-    return [nearest_slice(c.sparse, AXIS, c.slices) for c in cases]
-
-
-def run_nearest_between(cases, array, geometry, spacing_kji, device) -> list[np.ndarray]:
-    return [nearest_slice(c.sparse, AXIS, c.slices, between_only=True) for c in cases]
-
-
-def _timed_each(
-    fn: Callable[[Case], np.ndarray], cases: list[Case]
-) -> tuple[list[np.ndarray], list[float]]:
-    preds, secs = [], []
-    for case in cases:
+    rows = []
+    for name in dict.fromkeys(c.volume.name for c in cases):  # one child process per volume
+        sel = [c for c in cases if c.volume.name == name]
         t0 = time.perf_counter()
-        preds.append(fn(case))
-        secs.append(time.perf_counter() - t0)
-    return preds, secs
+        spacing = tuple(sel[0].volume.geometry.spacing[::-1])
+        preds = fill_between_slices_many([c.sparse for c in sel], AXIS, spacing)
+        each = (time.perf_counter() - t0) / len(sel)
+        rows += [
+            score("fill_between_slices", None, c, p, each) for c, p in zip(sel, preds, strict=True)
+        ]
+    return rows
 
 
-def run_litemedsam_box(cases, array, geometry, spacing_kji, device):
+def run_nearest(cases: list[Case], device: str) -> list[Row]:
+    from oflsam2.baselines import nearest_slice
+
+    rows = []
+    for c in cases:
+        t0 = time.perf_counter()
+        pred = nearest_slice(c.sparse, AXIS, c.slices)
+        rows.append(score("nearest_slice", None, c, pred, time.perf_counter() - t0))
+    return rows
+
+
+def run_box_walk(cases: list[Case], device: str) -> list[Row]:
+    from baselines_litemedsam import litemedsam_box
+
     from oflsam2.backbones.litemedsam import LiteMedSAMBackbone
+    from oflsam2.volume import intensity_window
 
     backbone = LiteMedSAMBackbone(device=device)
-    caches: dict = {}  # one embedding cache per window: encoding dominates
-
-    def one(case: Case) -> np.ndarray:
-        # The window a user's tool would pick from the painted voxels alone.
-        window = intensity_window(array, None, case.sparse > 0)
-        cache = caches.setdefault(window, {})
-        return litemedsam_box(
-            array, case.sparse, AXIS, case.slices, backbone, window=window, cache=cache
+    caches: dict = {}  # per volume and window: encoding dominates
+    rows = []
+    for c in cases:
+        t0 = time.perf_counter()
+        window = intensity_window(c.volume.array, c.volume.modality, c.sparse > 0)
+        cache = caches.setdefault((c.volume.name, window), {})
+        pred = litemedsam_box(
+            c.volume.array, c.sparse, AXIS, c.slices, backbone, window=window, cache=cache
         )
-
-    return _timed_each(one, cases)
-
-
-def engine_available() -> bool:
-    try:
-        from oflsam2.segmenter import OFLSegmenter  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        rows.append(score("litemedsam_box", None, c, pred, time.perf_counter() - t0))
+    return rows
 
 
-def run_engine(method: str):
-    kwargs, _ = ENGINE[method]
+def cached_segmenter(folder: Path | None):
+    """OFLSegmenter, or (benchmark only) one that keeps encoded slices on disk across runs.
 
-    def run(cases, array, geometry, spacing_kji, device):
-        from oflsam2.segmenter import OFLSegmenter
-        from oflsam2.settings import Settings
+    The features of a slice depend on the volume, the slice axis, the crop and the window only,
+    so re-running the benchmark after a change of the learner or the propagation re-encodes
+    nothing. Stored as float16 ``.npy`` (no pickle); delete the folder after a backbone change.
+    """
+    import torch
 
-        def one(case: Case) -> np.ndarray:
-            # A fresh segmenter per case: fit() warm-starts a segment's learner on a second
-            # call, which would leak the previous case's painted slices into this one.
-            seg = OFLSegmenter(Settings(device=device, image_size=512, seed=0, **kwargs))
-            seg.set_volume(array, geometry, modality=None)
-            seg.fit(case.sparse, slices=case.slices, axis=AXIS)
-            return seg.propagate().labels
+    from oflsam2.segmenter import OFLSegmenter
 
-        return _timed_each(one, cases)
+    if folder is None:
+        return OFLSegmenter
 
-    return run
+    class Cached(OFLSegmenter):
+        volume_name = ""
+
+        def _features(self, slices, progress=None):
+            roi, window = self.roi, self.window
+            key = f"{self.volume_name}_{self.backbone.name}_{self.backbone.input_size}_a{self.annotation.axis}"
+            key += f"_r{roi.r0}_{roi.c0}_{roi.side}_w{window[0]:.4g}_{window[1]:.4g}"
+            where = folder / key
+            missing = []
+            for t in slices:
+                if t in self._cache:
+                    continue
+                files = sorted(where.glob(f"s{t:04d}_*.npy"))
+                if files:
+                    arrays = [torch.from_numpy(np.load(f, allow_pickle=False)) for f in files]
+                    self._cache[t] = (arrays[0], arrays[1:])
+                else:
+                    missing.append(t)
+            super()._features(missing, progress)
+            where.mkdir(parents=True, exist_ok=True)
+            for t in missing:
+                embed, hires = self._cache[t]
+                for j, a in enumerate([embed, *hires]):
+                    np.save(where / f"s{t:04d}_{j}.npy", a.numpy())
+
+    return Cached
 
 
-RUNNERS = {
-    "fill_between_slices": run_fill_between,
-    "nearest_slice": run_nearest,
-    "nearest_slice_between": run_nearest_between,
-    "litemedsam_box": run_litemedsam_box,
-    **{m: run_engine(m) for m in ENGINE},
-}
+def run_engine(
+    cases: list[Case], device: str, variants: list[str], seeds: list[int], store: Path | None
+) -> list[Row]:
+    """Each painting: one segmenter (one encoding), reset for every variant and seed."""
+    from oflsam2.settings import Settings
+
+    factory = cached_segmenter(store)
+    rows = []
+    for c in cases:
+        print(f"  engine: {c.structure} {c.pattern} K={c.k}", file=sys.stderr, flush=True)
+        seg = None
+        for variant in variants:
+            for seed in seeds:
+                settings = Settings(device=device, seed=seed, **ENGINE[variant])
+                t0 = time.perf_counter()
+                if seg is None:
+                    seg = factory(settings)
+                    seg.volume_name = c.volume.name
+                    seg.set_volume(c.volume.array, c.volume.geometry, c.volume.modality)
+                else:
+                    seg.reset(settings)
+                seg.fit(c.sparse, slices=c.slices, axis=AXIS)
+                pred = seg.propagate().labels
+                rows.append(score(variant, seed, c, pred, time.perf_counter() - t0))
+    return rows
 
 
 # ---------------------------------------------------------------- report
 
 
-def _fmt(x: float) -> str:
-    return "inf" if math.isinf(x) else f"{x:.3f}" if x < 10 else f"{x:.1f}"
+def table(rows: list[Row], methods: list[str], patterns, ks) -> list[str]:
+    """Markdown: one line per (pattern, K), one column per method; engine: mean ± sd over seeds."""
+    head = "| pattern | K | n | " + " | ".join(methods) + " |"
+    lines = [head, "|" + "---|" * (3 + len(methods))]
+    for pattern in patterns:
+        for k in ks:
+            sel = [r for r in rows if r.pattern == pattern and r.k == k]
+            if not sel:
+                continue
+            n = len({r.structure for r in sel})
+            cells = [_cell([r for r in sel if r.method == m], "dice_unpainted") for m in methods]
+            lines.append(f"| {pattern} | {k} | {n} | " + " | ".join(cells) + " |")
+    return lines
 
 
-def mean_rows(rows: list[Row]) -> list[tuple[str, int, int, float, float, float, float]]:
-    """(method, K, number of segments, mean Dice unpainted, mean Dice volume, mean HD95, mean s)."""
-    out = []
-    for method in dict.fromkeys(r.method for r in rows):
-        for k in sorted({r.k for r in rows if r.method == method}):
-            sel = [r for r in rows if r.method == method and r.k == k]
-            out.append(
-                (
-                    method,
-                    k,
-                    len(sel),
-                    float(np.mean([r.dice_unpainted for r in sel])),
-                    float(np.mean([r.dice_volume for r in sel])),
-                    float(np.mean([r.hd95_mm for r in sel])),
-                    float(np.mean([r.seconds for r in sel])),
-                )
-            )
-    return out
+def _cell(rows: list[Row], metric: str) -> str:
+    if not rows:
+        return "n/a"
+    seeds = sorted({r.seed for r in rows}, key=lambda s: -1 if s is None else s)
+    means = [float(np.mean([getattr(r, metric) for r in rows if r.seed == s])) for s in seeds]
+    if len(means) == 1:
+        return f"{means[0]:.3f}"
+    return f"{np.mean(means):.3f} ± {np.std(means):.3f}"
 
 
-def print_report(rows: list[Row], unavailable: dict[str, str]) -> None:
-    header = f"{'method':<30} {'segment':<28} {'K':>2} {'slices':<18} {'Dice unp':>8} {'Dice vol':>8} {'HD95 mm':>8} {'s':>6}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        name = f"{r.segment} {r.name}"[:28]
-        sl = ",".join(map(str, r.slices))
-        print(
-            f"{r.method:<30} {name:<28} {r.k:>2} {sl:<18} {r.dice_unpainted:>8.3f} {r.dice_volume:>8.3f} "
-            f"{_fmt(r.hd95_mm):>8} {r.seconds:>6.1f}"
-        )
-    for method, why in unavailable.items():
-        print(f"{method:<30} n/a: {why}")
-    print()
-    print("Mean over segments")
-    header = (
-        f"{'method':<30} {'K':>2} {'n':>2} {'Dice unp':>8} {'Dice vol':>8} {'HD95 mm':>8} {'s':>6}"
-    )
-    print(header)
-    print("-" * len(header))
-    for method, k, n, du, dv, hd, s in mean_rows(rows):
-        print(f"{method:<30} {k:>2} {n:>2} {du:>8.3f} {dv:>8.3f} {_fmt(hd):>8} {s:>6.1f}")
-    ref_rows = [r for r in rows if r.segment in REFERENCE_SEGMENTS]
-    ref_means = [m for m in mean_rows(ref_rows) if m[2] == len(REFERENCE_SEGMENTS)]
-    if ref_means:
-        print()
-        print(
-            "Mean Dice on unpainted slices over right lung, left lung, thoracic spine "
-            "(earlier reference numbers in brackets)"
-        )
-        for method, k, _, du, _, _, _ in ref_means:
-            ref = REFERENCE.get(method)
-            ks = (2, 3, 5)
-            note = f" [{ref[ks.index(k)]:.3f}]" if ref and k in ks else ""
-            print(f"{method:<30} K={k}: {du:.3f}{note}")
-    for method, (_, label) in ENGINE.items():
-        if any(r.method == method for r in rows) and "RANDOM" in label:
-            print(
-                f"\nNOTE: {method} uses SAM2 with RANDOM weights: its numbers say nothing about accuracy."
-            )
+def per_structure(rows: list[Row], methods: list[str], pattern: str, k: int) -> list[str]:
+    lines = ["| structure | " + " | ".join(methods) + " |", "|" + "---|" * (1 + len(methods))]
+    sel = [r for r in rows if r.pattern == pattern and r.k == k]
+    for name in dict.fromkeys(r.structure for r in sel):
+        cells = [
+            _cell([r for r in sel if r.structure == name and r.method == m], "dice_unpainted")
+            for m in methods
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_csv(path: Path, rows: list[Row]) -> None:
@@ -297,13 +287,13 @@ def write_csv(path: Path, rows: list[Row]) -> None:
         w.writerow(
             [
                 "method",
-                "segment",
-                "name",
+                "seed",
+                "structure",
+                "pattern",
                 "k",
                 "slices",
                 "dice_unpainted",
-                "dice_volume",
-                "hd95_mm",
+                "fp_beyond",
                 "seconds",
             ]
         )
@@ -311,78 +301,123 @@ def write_csv(path: Path, rows: list[Row]) -> None:
             w.writerow(
                 [
                     r.method,
-                    r.segment,
-                    r.name,
+                    "" if r.seed is None else r.seed,
+                    r.structure,
+                    r.pattern,
                     r.k,
                     " ".join(map(str, r.slices)),
                     f"{r.dice_unpainted:.4f}",
-                    f"{r.dice_volume:.4f}",
-                    "inf" if math.isinf(r.hd95_mm) else f"{r.hd95_mm:.2f}",
+                    f"{r.fp_beyond:.4f}",
                     f"{r.seconds:.2f}",
                 ]
             )
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.replace(" ", "").split(",") if x]
+def read_csv(path: Path) -> list[Row]:
+    with open(path, newline="") as fh:
+        return [
+            Row(
+                d["method"],
+                int(d["seed"]) if d["seed"] else None,
+                d["structure"],
+                d["pattern"],
+                int(d["k"]),
+                [int(x) for x in d["slices"].split()],
+                float(d["dice_unpainted"]),
+                float(d["fp_beyond"]),
+                float(d["seconds"]),
+            )
+            for d in csv.DictReader(fh)
+        ]
+
+
+def report(rows: list[Row], patterns, ks) -> None:
+    methods = list(dict.fromkeys(r.method for r in rows))
+    print("Mean Dice on unpainted slices")
+    print("\n".join(table(rows, methods, patterns, ks)))
+    ends = [r for r in rows if r.pattern == "ends"]
+    if ends:
+        print("\nends pattern: false-positive voxels outside the painted range / structure volume")
+        for m in methods:
+            sel = [r for r in ends if r.method == m]
+            if sel:
+                print(f"  {m:<22} {np.mean([r.fp_beyond for r in sel]):.4f}")
+    for k in ks:
+        if any(r.k == k for r in rows):
+            for pattern in patterns:
+                if any(r.k == k and r.pattern == pattern for r in rows):
+                    print(f"\nPer structure, {pattern}, K = {k}")
+                    print("\n".join(per_structure(rows, methods, pattern, k)))
+
+
+def _list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="ct,dev", help="ct, dev or both")
+    p.add_argument("--patterns", default=",".join(PATTERNS))
+    p.add_argument("--k", default="2,3,5")
+    p.add_argument("--methods", default=",".join(METHODS), help=", ".join(METHODS))
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the engine rows")
+    p.add_argument("--structures", default="", help="volume or structure names to keep")
+    p.add_argument("--csv", default=str(DEFAULT_CSV))
+    p.add_argument("--append", action="store_true", help="add to the rows already in --csv")
+    p.add_argument("--report-only", action="store_true", help="print the tables of --csv")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     p.add_argument(
-        "--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}"
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="an extra engine variant, e.g. nogap='{\"beyond_gap_fraction\": null}'",
     )
-    p.add_argument(
-        "--segments",
-        default=None,
-        help=f"label values (default: every segment spanning >= {MIN_SLICES} slices)",
-    )
-    p.add_argument("--k", default="2,3,5", help="numbers of painted slices")
-    p.add_argument("--csv", default=str(DEFAULT_CSV), help="where to write the per-case table")
-    p.add_argument("--device", default="cpu", help="device for LiteMedSAM and the engine")
+    p.add_argument("--feature-cache", default="", help="folder keeping encoded slices across runs")
     args = p.parse_args(argv)
+    patterns, ks = _list(args.patterns), [int(k) for k in _list(args.k)]
+    if args.threads:
+        import torch
 
-    methods = [m for m in args.methods.replace(" ", "").split(",") if m]
-    unknown = [m for m in methods if m not in RUNNERS]
+        torch.set_num_threads(args.threads)
+    if args.report_only:
+        report(read_csv(Path(args.csv)), patterns, ks)
+        return 0
+    import json
+
+    for spec in args.variant:
+        name, _, text = spec.partition("=")
+        ENGINE[name] = json.loads(text)
+    methods = _list(args.methods)
+    unknown = [m for m in methods if m not in BASELINES and m not in ENGINE]
     if unknown:
         p.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    volume, labels = load_ct()
-    segments = _int_list(args.segments) if args.segments else default_segments(labels.array)
-    missing = [s for s in segments if not np.any(labels.array == s)]
-    if missing:
-        p.error(f"segment(s) {missing} not in the label map; present: {sorted(labels.names)}")
-    cases = make_cases(labels.array, labels.names, segments, _int_list(args.k))
-    spacing_kji = tuple(volume.geometry.spacing[::-1])
-
-    rows: list[Row] = []
-    unavailable: dict[str, str] = {}
-    have_engine = engine_available()
-    for method in methods:
-        if method in ENGINE and not have_engine:
-            unavailable[method] = "engine not available"
-            continue
+    data = _list(args.data)
+    volumes = ([load_ct()] if "ct" in data else []) + (load_dev() if "dev" in data else [])
+    if "dev" in data and not any(v.name != "ct_chest" for v in volumes):
+        print("note: ../shared/data/dev not found; the sample CT only", file=sys.stderr)
+    cases = make_cases(volumes, patterns, ks, set(_list(args.structures)) or None)
+    rows: list[Row] = read_csv(Path(args.csv)) if args.append and Path(args.csv).exists() else []
+    runners = {
+        "fill_between_slices": run_fill_between,
+        "nearest_slice": run_nearest,
+        "litemedsam_box": run_box_walk,
+    }
+    for method in [m for m in methods if m in runners]:
         print(f"running {method} on {len(cases)} cases ...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        try:
-            out = RUNNERS[method](cases, volume.array, volume.geometry, spacing_kji, args.device)
-        except Exception as exc:  # an engine in flux must not cost the baselines' numbers
-            if method not in ENGINE:
-                raise
-            unavailable[method] = f"error: {type(exc).__name__}: {first_line(exc, 120)}"
-            continue
-        if isinstance(out, tuple):
-            preds, secs = out
-        else:  # one batch for all cases: share its time out
-            preds = out
-            secs = [(time.perf_counter() - t0) / len(cases)] * len(cases)
-        rows += [
-            score(method, c, pr, spacing_kji, s)
-            for c, pr, s in zip(cases, preds, secs, strict=True)
-        ]
-    print_report(rows, unavailable)
-    if rows:
+        rows += runners[method](cases, args.device)
         write_csv(Path(args.csv), rows)
-        print(f"\nwrote {args.csv}")
+    variants = [m for m in methods if m in ENGINE]
+    if variants:
+        seeds = [int(s) for s in _list(args.seeds)]
+        store = Path(args.feature_cache) if args.feature_cache else None
+        print(f"running {', '.join(variants)} on {len(cases)} cases ...", file=sys.stderr)
+        for case in cases:  # one painting at a time, saved as it goes
+            rows += run_engine([case], args.device, variants, seeds, store)
+            write_csv(Path(args.csv), rows)
+    report(rows, patterns, ks)
+    print(f"\nwrote {args.csv}")
     return 0
 
 
