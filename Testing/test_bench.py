@@ -1,0 +1,56 @@
+"""The accuracy benchmark's painting rules and a minimal run (bench/ is not a package)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+from cases import paint_slices  # noqa: E402
+
+
+def column(lo: int, hi: int, n: int = 40) -> np.ndarray:
+    mask = np.zeros((n, 4, 4), bool)
+    mask[lo : hi + 1, 1:3, 1:3] = True
+    return mask
+
+
+@pytest.mark.parametrize(
+    "pattern, k, expected",
+    [
+        ("even", 2, [15, 25]),  # floor(10 + (i + 0.5) * 20 / 2)
+        ("even", 3, [13, 20, 26]),
+        ("ends", 2, [10, 29]),
+        ("ends", 3, [10, 20, 29]),  # round(10 + 19 / 2) = 20
+        ("ends", 5, [10, 15, 20, 24, 29]),
+        ("cluster", 2, [18, 20]),  # middle 19, 2 apart
+        ("cluster", 3, [17, 19, 21]),
+        ("cluster", 5, [15, 17, 19, 21, 23]),
+    ],
+)
+def test_painting_patterns(pattern, k, expected):
+    assert paint_slices(column(10, 29), pattern, k) == expected
+
+
+def test_a_slice_without_the_structure_moves_to_the_nearest_that_has_it():
+    mask = column(10, 29)
+    mask[20] = False  # a structure in two pieces
+    assert paint_slices(mask, "ends", 3) == [10, 19, 29]
+
+
+def test_benchmark_runs_and_writes_its_table(tmp_path):
+    out = tmp_path / "acc.csv"
+    cmd = [sys.executable, str(BENCH / "accuracy.py"), "--data", "ct", "--structures", "right lung"]
+    cmd += ["--patterns", "ends", "--k", "2", "--methods", "nearest_slice", "--csv", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "| ends | 2 | 1 |" in done.stdout
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("method,seed,structure,pattern,k,slices,dice_unpainted,fp_beyond")
+    assert lines[1].startswith("nearest_slice,,ct_chest:right lung,ends,2,7 33,")
