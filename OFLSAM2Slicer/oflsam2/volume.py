@@ -6,7 +6,12 @@ guessed from shapes: it travels beside every array as a :class:`Geometry`.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import re
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +55,10 @@ class Geometry:
     @classmethod
     def from_ijk_to_lps(cls, matrix: np.ndarray, size: tuple[int, int, int]) -> Geometry:
         m = np.asarray(matrix, dtype=float)
-        spacing = np.linalg.norm(m[:3, :3], axis=0)
+        with np.errstate(all="ignore"):
+            spacing = np.linalg.norm(m[:3, :3], axis=0)
+        if not (np.all(np.isfinite(m)) and np.all(np.isfinite(spacing))):
+            raise InputError("the IJK-to-physical matrix holds NaN or infinite values")
         if np.any(spacing <= 0):
             raise InputError(
                 "the IJK-to-physical matrix has a zero column: fix the volume's spacing"
@@ -97,19 +105,36 @@ class Geometry:
             out.append(f"size {tuple(other.size)} vs {tuple(self.size)}")
         sp_a, sp_b = np.asarray(self.spacing), np.asarray(other.spacing)
         rel = np.abs(sp_a - sp_b) / np.maximum(np.abs(sp_a), 1e-12)
-        if np.any(rel > _GRID_TOL):
-            out.append(f"spacing {tuple(np.round(sp_b, 6))} vs {tuple(np.round(sp_a, 6))}")
+        if not np.all(rel <= _GRID_TOL):  # NaN differs too
+            out.append(f"spacing {_numbers(sp_b)} vs {_numbers(sp_a)}")
         o_a, o_b = np.asarray(self.origin), np.asarray(other.origin)
         scale = max(float(np.max(np.abs(o_a))), float(np.max(sp_a)), 1.0)
-        if np.max(np.abs(o_a - o_b)) / scale > _GRID_TOL:
+        if not np.max(np.abs(o_a - o_b)) / scale <= _GRID_TOL:
             shift = float(np.max(np.abs(o_a - o_b)))
-            out.append(
-                f"origin {tuple(np.round(o_b, 4))} vs {tuple(np.round(o_a, 4))} ({shift:.4g} mm apart)"
-            )
+            out.append(f"origin {_numbers(o_b)} vs {_numbers(o_a)} ({shift:.4g} mm apart)")
         d = float(np.max(np.abs(self.direction_matrix - other.direction_matrix)))
-        if d > _GRID_TOL:
+        if not d <= _GRID_TOL:
             out.append(f"direction differs by up to {d:.3g}")
         return out
+
+    def problem(self) -> str | None:
+        """What makes this grid unusable (NaN, infinite or zero sizes, a flat direction
+        matrix, corners beyond floating point), or None."""
+        with np.errstate(all="ignore"):
+            m = self.ijk_to_lps()
+            corner = m @ np.array([*self.size, 1.0])
+        if not (np.all(np.isfinite(m)) and np.all(np.isfinite(corner))):
+            return "its spacing, origin or direction holds NaN or infinite values"
+        if min(self.spacing) <= 0:
+            return f"its spacing {_numbers(self.spacing)} is not positive"
+        if abs(float(np.linalg.det(self.direction_matrix))) < 1e-6:
+            return "its direction matrix is singular"
+        return None
+
+
+def _numbers(values) -> str:
+    """Plain numbers for messages: (0.7, 0.9, 2.5), never np.float64(0.7)."""
+    return "(" + ", ".join(format(float(v), ".6g") for v in values) + ")"
 
 
 @dataclass
@@ -131,49 +156,213 @@ class LabelMap:
 # ---------------------------------------------------------------- reading
 
 
-def _read_sitk(path: str | os.PathLike, what: str):
+_NRRD_LINE = re.compile(r"^\[nrrd\]\s*\w+:\s*")
+_ITK_ERROR = re.compile(r"(?:ITK ERROR|itk::ERROR|sitk::ERROR|ERROR):\s*(.*)")
+_ITK_OBJECT = re.compile(r"^\w+\(0x[0-9a-fA-F]+\):\s*")
+_ITK_METHOD = re.compile(r"^(?:ReadImageInformation|Read|Write|WriteImageInformation):\s*")
+_FREAD = re.compile(r"fread got only (\d+) \d+-sized things, not (\d+) \(([\d.]+)% of expected\)")
+
+
+def itk_reason(exc: BaseException) -> str:
+    """ITK's own reason for a failed read or write, in one line without source locations.
+
+    NRRD errors end with teem's chain of ``[nrrd] function: text`` lines: the last one
+    that says more than "trouble" is the cause ("axis 2 size is zero!"). Other errors
+    carry one ``ITK ERROR: Object(0x...): text`` line.
+    """
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    teem = [_NRRD_LINE.sub("", ln) for ln in lines if ln.startswith("[nrrd]")]
+    teem = [t for t in teem if t and not t.startswith("trouble")]
+    if teem:
+        reason = teem[-1]
+    else:
+        found = [m.group(1) for m in map(_ITK_ERROR.search, lines) if m]
+        reason = found[0] if found else (lines[-1] if lines else type(exc).__name__)
+        reason = _ITK_METHOD.sub("", _ITK_OBJECT.sub("", reason.strip()))
+    fread = _FREAD.search(reason)
+    if fread:
+        got, want, pct = int(fread.group(1)), int(fread.group(2)), float(fread.group(3))
+        reason = (
+            f"the file holds {pct:.3g} % of the expected data ({got} of {want} values): "
+            "it is truncated or its header is wrong"
+        )
+    elif reason.startswith("Unable to determine ImageIO reader"):
+        reason = "not a readable image (no image reader recognises its format)"
+    return reason[:200].rstrip()
+
+
+@contextlib.contextmanager
+def _itk_warnings_off():
+    """Silence ITK's own warnings on stderr (GDCM's "No Series were found" and the like)."""
     import SimpleITK as sitk
 
+    before = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(before)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free for a new allocation (Linux: MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def human_bytes(n: float) -> str:
+    """'1.5 GiB' for messages."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} EiB"  # pragma: no cover - the loop returns
+
+
+def check_header(
+    dim: int, size, components: int, pixel: str, path: Path, what: str, *, memory: bool = True
+) -> None:
+    """Refuse, from the header alone, what oflsam2 cannot use or (with ``memory``) what this
+    machine cannot hold, before anything is allocated.
+
+    ``pixel`` is SimpleITK's name of the voxel type ("16-bit signed integer").
+    """
+    size = tuple(int(s) for s in size)
+    shown = " x ".join(str(s) for s in size)
+    if dim != 3:
+        raise InputError(f"{what} {path} is {dim}D ({shown}); oflsam2 needs one 3D volume")
+    if "complex" in pixel:
+        raise InputError(
+            f"{what} {path} has complex voxels ({pixel}): give a real-valued (grey-value) "
+            "volume, such as the magnitude image"
+        )
+    if components != 1:
+        raise InputError(
+            f"{what} {path} has {components} components per voxel; give a scalar (grey-value) volume"
+        )
+    if min(size) < 1:
+        raise InputError(f"{what} {path} is empty ({shown} voxels)")
+    if memory:
+        bits = re.search(r"(\d+)-bit", pixel)
+        check_allocation(
+            size, components * (int(bits.group(1)) // 8 if bits else 8), pixel, path, what
+        )
+
+
+def check_allocation(size, voxel_bytes: int, pixel: str, path: Path, what: str) -> None:
+    """Refuse a file whose header asks for more memory than this machine can spare."""
+    shown = " x ".join(str(int(s)) for s in size)
+    need = math.prod(int(s) for s in size) * voxel_bytes
+    free = available_memory()
+    if free is not None and need > free / 2:  # the work that follows needs as much again
+        raise InputError(
+            f"{what} {path} is {shown} voxels of {pixel} by its header: {human_bytes(need)} to load, "
+            f"more than half the {human_bytes(free)} of memory free; crop or downsample it, or fix its header"
+        )
+
+
+def _read_file(p: Path, what: str):
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    reader.ReadImageInformation()
+    pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    check_header(
+        reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), pixel, p, what
+    )
+    image = reader.Execute()
+    modality = None
+    if image.HasMetaDataKey("0008|0060"):
+        modality = image.GetMetaData("0008|0060").strip().upper() or None
+    return image, modality
+
+
+def _read_dicom_folder(p: Path, what: str):
+    import SimpleITK as sitk
+
+    if not any(p.iterdir()):
+        raise InputError(f"{what} folder {p} is empty: give a DICOM folder or an image file")
+    reader = sitk.ImageSeriesReader()
+    with _itk_warnings_off():
+        ids = reader.GetGDCMSeriesIDs(str(p))
+    if not ids:
+        raise InputError(
+            f"{what} folder {p} holds no DICOM series: give a DICOM folder or an image file"
+        )
+    files = max((reader.GetGDCMSeriesFileNames(str(p), sid) for sid in ids), key=len)
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    image = reader.Execute()
+    modality = None
+    if reader.HasMetaDataKey(0, "0008|0060"):
+        modality = reader.GetMetaData(0, "0008|0060").strip().upper() or None
+    return image, modality
+
+
+@contextlib.contextmanager
+def _native_stderr(captured: list[str]):
+    """Keep what C and C++ libraries print on stderr during a read (niftilib's "** ERROR",
+    VNL's matrices, ITK's warnings) out of the terminal; it is appended to ``captured``."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all
+        yield
+        return
+    with tempfile.TemporaryFile() as sink, _itk_warnings_off():
+        sys.stderr.flush()
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read(20_000).decode("utf-8", "replace"))
+
+
+def _native_reason(captured: list[str]) -> str:
+    """The last error a C library printed ("** ERROR: nifti_...: bad dim[0]" -> "bad dim[0]")."""
+    errors = [ln for text in captured for ln in text.splitlines() if "ERROR" in ln]
+    if not errors:
+        return ""
+    return re.sub(r"^[*\s]*ERROR:\s*(\w+:\s*)?", "", errors[-1].strip())[:120]
+
+
+def _read_sitk(path: str | os.PathLike, what: str):
     p = Path(path)
     if not p.exists():
         raise InputError(f"{what} {p} does not exist: check the path")
-    modality = None
+    captured: list[str] = []
     try:
-        if p.is_dir():
-            reader = sitk.ImageSeriesReader()
-            ids = reader.GetGDCMSeriesIDs(str(p))
-            if not ids:
-                raise InputError(
-                    f"{what} folder {p} holds no DICOM series: give a DICOM folder or an image file"
-                )
-            files = max((reader.GetGDCMSeriesFileNames(str(p), sid) for sid in ids), key=len)
-            reader.SetFileNames(files)
-            reader.MetaDataDictionaryArrayUpdateOn()
-            image = reader.Execute()
-            if reader.HasMetaDataKey(0, "0008|0060"):
-                modality = reader.GetMetaData(0, "0008|0060").strip().upper() or None
-        else:
-            image = sitk.ReadImage(str(p))
-            if image.HasMetaDataKey("0008|0060"):
-                modality = image.GetMetaData("0008|0060").strip().upper() or None
+        with _native_stderr(captured):
+            if p.is_dir():
+                image, modality = _read_dicom_folder(p, what)
+            else:
+                image, modality = _read_file(p, what)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next(
-            (ln.strip() for ln in first if ln.strip() and "ITK ERROR" in ln),
-            first[-1] if first else "",
-        )
-        raise InputError(f"cannot read {what} {p}: not a readable image ({detail[:160]})") from None
-    dim = image.GetDimension()
-    if dim != 3:
-        size = " x ".join(str(s) for s in image.GetSize())
-        raise InputError(f"{what} {p} is {dim}D ({size}); oflsam2 needs one 3D volume")
-    if image.GetNumberOfComponentsPerPixel() != 1:
+        reason = itk_reason(exc).replace(str(p), "the file")
+        native = _native_reason(captured)
         raise InputError(
-            f"{what} {p} has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
-            "give a scalar (grey-value) volume"
-        )
-    if min(image.GetSize()) < 1:
-        raise InputError(f"{what} {p} is empty")
+            f"cannot read {what} {p}: {reason}" + (f" ({native})" if native else "")
+        ) from None
+    except OSError as exc:  # a folder that cannot be listed, a file that cannot be opened
+        raise InputError(f"cannot read {what} {p}: {exc.strerror or first_line(exc)}") from None
+    pixel = image.GetPixelIDTypeAsString()
+    size, components = image.GetSize(), image.GetNumberOfComponentsPerPixel()
+    check_header(image.GetDimension(), size, components, pixel, p, what, memory=False)
+    problem = Geometry.from_sitk(image).problem()
+    if problem:
+        raise InputError(f"{what} {p} has an unusable grid: {problem}; fix its header")
     return image, modality
 
 
@@ -182,7 +371,32 @@ def read_image(path: str | os.PathLike) -> Volume:
     import SimpleITK as sitk
 
     image, modality = _read_sitk(path, "image")
-    return Volume(sitk.GetArrayFromImage(image), Geometry.from_sitk(image), modality, str(path))
+    array = sitk.GetArrayFromImage(image)
+    check_finite(array, f"image {path}")
+    return Volume(array, Geometry.from_sitk(image), modality, str(path))
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_finite(array: np.ndarray, what: str) -> None:
+    """Refuse NaN and infinite voxels, and values beyond float32 (oflsam2 computes in float32),
+    with their count: they would silently spoil the intensity window and the result."""
+    if array.dtype.kind not in "fc" or not array.size:
+        return
+    bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise InputError(
+            f"{what} has {bad:,} non-finite voxels (NaN or infinite) of {array.size:,}: "
+            "replace them with a real value (such as the background's) first"
+        )
+    if array.dtype.itemsize > 4:
+        peak = float(np.max(np.abs(array)))
+        if peak > _FLOAT32_MAX:
+            raise InputError(
+                f"{what} holds values up to {peak:.3g}, beyond the float32 range oflsam2 "
+                "computes in: rescale the image first"
+            )
 
 
 def check_same_grid(reference: Geometry, other: Geometry, what: str = "label map") -> None:
@@ -197,12 +411,19 @@ def check_same_grid(reference: Geometry, other: Geometry, what: str = "label map
 
 def as_labels(array: np.ndarray, what: str) -> np.ndarray:
     """The label array as uint8, or one clear error for non-integer or out-of-range values."""
-    if array.dtype.kind == "f" and (
-        not np.all(np.isfinite(array)) or np.any(array != np.round(array))
-    ):
-        raise InputError(
-            f"{what} holds non-integer values: give a label map (0 = background, 1..255)"
-        )
+    if array.dtype.kind == "c":
+        raise InputError(f"{what} holds complex values: give a label map (0 = background, 1..255)")
+    if array.dtype.kind == "f":
+        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise InputError(
+                f"{what} holds {bad:,} non-finite values (NaN or infinite): give a label map "
+                "(0 = background, 1..255)"
+            )
+        if np.any(array != np.round(array)):
+            raise InputError(
+                f"{what} holds non-integer values: give a label map (0 = background, 1..255)"
+            )
     if array.size and (array.min() < 0 or array.max() > 255):
         raise InputError(
             f"{what} holds label values outside 0..255 (min {array.min()}, max {array.max()}): "
@@ -235,14 +456,45 @@ def _read_seg_nrrd(path: str) -> LabelMap:
     if not Path(path).exists():
         raise InputError(f"label map {path} does not exist: check the path")
     try:
+        import nrrd
+
+        header = nrrd.read_header(path)
+        sizes = [int(s) for s in np.atleast_1d(header["sizes"])]
+    except Exception as exc:  # pynrrd raises many kinds on corrupt headers
+        raise InputError(f"cannot read segmentation {path}: {first_line(exc)}") from None
+    # At least a byte per voxel (label maps are mostly uint8): enough to catch absurd sizes.
+    check_allocation(sizes, 1, str(header.get("type", "?")), Path(path), "label map")
+    try:
         seg = slicerio.read_segmentation(path)
     except Exception as exc:  # slicerio raises many kinds on corrupt files
         raise InputError(f"cannot read segmentation {path}: {first_line(exc)}") from None
     vox = np.asarray(seg["voxels"])
+    if vox.ndim not in (3, 4) or min(vox.shape) < 1:
+        raise InputError(
+            f"segmentation {path} holds a {vox.ndim}D array {vox.shape}, not a 3D volume"
+        )
+    size = vox.shape[-3:]
+    try:
+        out, names, colors = _segments_to_labels(vox, seg.get("segments", []), path)
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        raise InputError(
+            f"cannot read segmentation {path}: its segment list is broken ({type(exc).__name__}: "
+            f"{first_line(exc, 80)})"
+        ) from None
+    try:
+        geometry = Geometry.from_ijk_to_lps(seg["ijkToLPS"], size)
+    except InputError as exc:
+        raise InputError(f"segmentation {path} has an unusable grid: {exc}") from None
+    problem = geometry.problem()
+    if problem:
+        raise InputError(f"segmentation {path} has an unusable grid: {problem}; fix its header")
+    return LabelMap(out, geometry, names, colors)
+
+
+def _segments_to_labels(vox: np.ndarray, segments: list, path: str):
     size = vox.shape[-3:]
     out = np.zeros(tuple(reversed(size)), np.uint8)
     names, colors = {}, {}
-    segments = seg.get("segments", [])
     used = {int(s["labelValue"]) for s in segments if s.get("layer", 0) == 0}
     free = (v for v in range(1, 256) if v not in used)
     for segment in segments:
@@ -258,8 +510,7 @@ def _read_seg_nrrd(path: str) -> LabelMap:
         names[value] = segment.get("name", segment.get("id", f"Segment_{value}"))
         if "color" in segment:
             colors[value] = tuple(float(c) for c in segment["color"])
-    geometry = Geometry.from_ijk_to_lps(seg["ijkToLPS"], size)
-    return LabelMap(out, geometry, names, colors)
+    return out, names, colors
 
 
 def _pad_to_grid(labels: LabelMap, reference: Geometry, path: str) -> LabelMap:
@@ -311,9 +562,97 @@ def choose_axis(labels: np.ndarray) -> int:
     return int(np.argmin(counts))
 
 
+_AXIS_NAMES = ("0 (k)", "1 (j)", "2 (i)")
+
+
+def _fewest_planes(occupied: np.ndarray) -> int:
+    """The fewest slices along two axes together that hold every True of ``occupied``.
+
+    ``occupied`` is the label map seen along the third axis (a 2D any()), so each True
+    (a, b) is a line of voxels that a slice a along the first axis or a slice b along the
+    second covers: the fewest such slices is a minimum vertex cover of a bipartite graph,
+    which equals its maximum matching (Konig's theorem).
+    """
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import maximum_bipartite_matching
+
+    graph = csr_matrix(occupied.astype(np.int8))
+    return int(np.count_nonzero(maximum_bipartite_matching(graph, perm_type="column") >= 0))
+
+
+def mixed_axes(labels: np.ndarray) -> tuple[int, int] | None:
+    """Two axes whose slices together hold the labels in fewer slices than any one axis
+    does (they were painted along both), or None when the labels lie on slices of one axis.
+
+    Slices painted along one axis are held by that many slices of it, and never by fewer
+    slices of a mix of axes unless some painted masks are one voxel thin; a stroke painted
+    along another axis adds a line of voxels to every slice of the first axis it crosses,
+    which a mix of the two axes holds with far fewer slices.
+    """
+    painted = labels != 0
+    counts = [len(slices_with_labels(painted, a)) for a in range(3)]
+    fewest = min(counts)
+    if fewest <= 1:
+        return None
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        seen = np.any(painted, axis=3 - a - b)
+        if _fewest_planes(seen) < fewest:
+            return a, b
+    return None
+
+
+def check_painting(labels: np.ndarray, ann: Annotation, *, one_axis: bool = True) -> None:
+    """Refuse labels that leave nothing to propagate, or (``one_axis``) that are painted
+    along two axes."""
+    n = labels.shape[ann.axis]
+    if len(ann.slices) >= n:
+        raise InputError(
+            f"labels are on all {n} slices along axis {_AXIS_NAMES[ann.axis]}: nothing is left "
+            "to propagate; keep only a few painted slices"
+        )
+    mixed = mixed_axes(labels) if one_axis else None
+    if mixed is not None:
+        a, b = mixed
+        raise InputError(
+            f"labels are painted on slices along two axes, {_AXIS_NAMES[a]} and {_AXIS_NAMES[b]}: "
+            "paint every segment on slices of one axis, or name it with --axis (each slice "
+            "along it that holds labels then counts as painted)"
+        )
+
+
+def _named_slices(labels: np.ndarray, axis: int, slices: list[int]) -> list[int]:
+    """The slices named by the user, checked: inside the volume, and every labelled one named."""
+    n = labels.shape[axis]
+    chosen = sorted({int(s) for s in slices})
+    bad = [s for s in chosen if s < 0 or s >= n]
+    if bad:
+        raise InputError(f"slice(s) {bad[:10]} outside 0..{n - 1} along axis {axis}")
+    if not chosen:
+        raise InputError("no annotated slice given")
+    other = set(int(s) for s in slices_with_labels(labels, axis)) - set(chosen)
+    if other:
+        raise InputError(
+            f"labels on slice(s) {sorted(other)[:10]} along axis {axis} are not in --slices: "
+            "name them too or clear them"
+        )
+    return chosen
+
+
 def find_annotated(
-    labels: np.ndarray, axis: int | str = "auto", slices: list[int] | None = None
+    labels: np.ndarray,
+    axis: int | str = "auto",
+    slices: list[int] | None = None,
+    *,
+    painting: bool = False,
 ) -> Annotation:
+    """The slice axis and the annotated slices of a label map.
+
+    ``axis`` "auto" picks the axis along which the labels occupy the fewest slices.
+    With ``painting`` (the command line), labels that leave no slice to propagate are
+    refused, and so are labels painted along two axes when the axis is "auto"
+    (see :func:`mixed_axes`).
+    """
+    auto = axis == "auto" and slices is None
     if labels.ndim != 3:
         raise InputError(f"label map must be 3D, got shape {labels.shape}")
     if axis == "auto":
@@ -321,26 +660,12 @@ def find_annotated(
     axis = int(axis)
     if axis not in (0, 1, 2):
         raise InputError(f"slice axis must be auto, 0, 1 or 2, not {axis}")
-    n = labels.shape[axis]
     if slices is None:
         chosen = [int(s) for s in slices_with_labels(labels, axis)]
         if not chosen:
             raise InputError("the label map is empty: paint the structure on at least one slice")
-        explicit = False
     else:
-        chosen = sorted({int(s) for s in slices})
-        bad = [s for s in chosen if s < 0 or s >= n]
-        if bad:
-            raise InputError(f"slice(s) {bad} outside 0..{n - 1} along axis {axis}")
-        if not chosen:
-            raise InputError("no annotated slice given")
-        explicit = True
-        other = set(int(s) for s in slices_with_labels(labels, axis)) - set(chosen)
-        if other:
-            raise InputError(
-                f"labels on slice(s) {sorted(other)[:10]} along axis {axis} are not in --slices: "
-                "name them too or clear them"
-            )
+        chosen = _named_slices(labels, axis, slices)
     per_segment: dict[int, list[int]] = {}
     for value in np.unique(labels):
         if value == 0:
@@ -348,7 +673,10 @@ def find_annotated(
         per_segment[int(value)] = [int(s) for s in slices_with_labels(labels == value, axis)]
     if not per_segment:
         raise InputError("the label map is empty: paint the structure on at least one slice")
-    return Annotation(axis, chosen, per_segment, explicit)
+    ann = Annotation(axis, chosen, per_segment, slices is not None)
+    if painting:
+        check_painting(labels, ann, one_axis=auto)
+    return ann
 
 
 # ---------------------------------------------------------------- intensity
@@ -399,28 +727,44 @@ def write_labels(
     geometry: Geometry,
     names: dict[int, str] | None = None,
     colors: dict[int, tuple[float, float, float]] | None = None,
+    *,
+    into: str | os.PathLike | None = None,
 ) -> None:
-    """Write a label map on ``geometry`` atomically (temporary file, then rename)."""
+    """Write a label map on ``geometry``; the format follows the name (``.seg.nrrd``: Slicer's).
+
+    Atomically: into a temporary file, then renamed onto ``path``. With ``into``, the
+    label map is written into that file instead (a temporary file the caller renames onto
+    ``path`` later, see :func:`oflsam2.files.atomic_paths`); messages still name ``path``.
+    """
     path = Path(path)
     if not path.parent.exists():
         raise InputError(f"output folder {path.parent} does not exist: create it first")
     if path.is_dir():
         raise InputError(f"output {path} is a folder: give a file name such as result.nrrd")
     labels = as_labels(np.asarray(array), "output")
+    captured: list[str] = []
     try:
-        with atomic_path(path) as tmp:
-            if str(path).lower().endswith(SEG_SUFFIX):
-                _write_seg_nrrd(tmp, labels, geometry, names or {}, colors or {})
+        with _native_stderr(captured):
+            if into is None:
+                with atomic_path(path) as tmp:
+                    _save_labels(tmp, labels, geometry, names or {}, colors or {})
             else:
-                import SimpleITK as sitk
-
-                sitk.WriteImage(geometry.to_sitk(labels), str(tmp), useCompression=True)
+                _save_labels(Path(into), labels, geometry, names or {}, colors or {})
     except OSError as exc:  # a folder not writable, a full disk
         raise InputError(f"cannot write {path}: {exc.strerror or first_line(exc)}") from None
     except RuntimeError as exc:
-        # SimpleITK's last line names the cause; its first is where in ITK it was raised.
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        raise InputError(f"cannot write {path}: {lines[-1].strip()[:160]}") from None
+        native = _native_reason(captured)
+        reason = itk_reason(exc) + (f" ({native})" if native else "")
+        raise InputError(f"cannot write {path}: {reason}") from None
+
+
+def _save_labels(path: Path, labels: np.ndarray, geometry: Geometry, names, colors) -> None:
+    if str(path).lower().endswith(SEG_SUFFIX):
+        _write_seg_nrrd(path, labels, geometry, names, colors)
+    else:
+        import SimpleITK as sitk
+
+        sitk.WriteImage(geometry.to_sitk(labels), str(path), useCompression=True)
 
 
 def _write_seg_nrrd(path: Path, labels: np.ndarray, geometry: Geometry, names, colors) -> None:

@@ -249,10 +249,19 @@ def _describe_mismatch(expected: dict, got: dict) -> str:
     return ", ".join(parts)
 
 
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
+
+
 def _state_dict_problem(entry: ModelEntry, path: Path) -> str | None:
     """Why ``path`` does not load strictly into ``entry``'s model, or None."""
     import torch
 
+    if _is_empty(path):
+        return "it is empty (0 bytes)"
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds on foreign or broken files
@@ -443,7 +452,14 @@ def import_file(path: str | os.PathLike, name: str | None = None) -> Path:
     src = Path(path).expanduser()
     if not src.is_file():
         raise WeightsError(f"checkpoint file {src} does not exist or is not a file: check the path")
-    digest = sha256_file(src)
+    if _is_empty(src):
+        raise WeightsError(
+            f"checkpoint file {src} is empty (0 bytes): download it again; nothing was imported"
+        )
+    try:
+        digest = sha256_file(src)
+    except OSError as exc:
+        raise WeightsError(f"cannot read checkpoint file {src}: {first_line(exc)}") from None
     name = name or _identify(src, digest)
     entry = get_entry(name)
     if entry.bundled:
@@ -508,6 +524,11 @@ def bundled_path(import_package: bool = False) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "asset" / "lite_medsam.pth"
 
 
+def missing_message(name: str) -> str:
+    """What to do when ``name``'s weights are not in the cache."""
+    return _missing_message(get_entry(name))
+
+
 def _missing_message(entry: ModelEntry) -> str:
     where = cached_path(entry.name)
     return (
@@ -542,6 +563,8 @@ def resolve(name: str) -> Path:
         f"run `oflsam2 weights download {name}` again (it replaces the file) "
         f"or `oflsam2 weights import FILE --name {name}`"
     )
+    if _is_empty(path):
+        raise WeightsError(f"cached weights {path} are empty (0 bytes): {redo}")
     expected, source = _expected_hash(entry, path)
     if expected is None:
         # In the cache without a record (copied there by hand): verify now, then record.

@@ -89,6 +89,11 @@ class LiteMedSAMBackbone(Backbone):
         if not path.is_file():
             fix = "give an existing --checkpoint file" if checkpoint is not None else _REINSTALL
             raise WeightsError(f"LiteMedSAM weights {path} not found: {fix}")
+        if path.stat().st_size == 0:
+            fix = (
+                "give the lite_medsam.pth state dict as --checkpoint" if checkpoint else _REINSTALL
+            )
+            raise WeightsError(f"LiteMedSAM weights {path} are empty (0 bytes): {fix}")
         model = build_lite_medsam()
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)

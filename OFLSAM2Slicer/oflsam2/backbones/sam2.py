@@ -8,6 +8,7 @@ constant wherever the object score is not positive and so cuts every gradient.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -303,6 +304,11 @@ class SAM2Tracker(Tracker):
 
 
 def _load_strict(net: torch.nn.Module, path: str, name: str) -> None:
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise WeightsError(
+            f"checkpoint {path} is empty (0 bytes): download it again with "
+            f"`oflsam2 weights download {name}`"
+        )
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
