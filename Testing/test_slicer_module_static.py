@@ -176,11 +176,14 @@ def test_module_compiles_and_follows_the_template(module_tree, tmp_path):
     for needle in (
         "connectGui",
         "tryWithErrorDisplay",
-        "QTimer",
+        "TaskRunner",
+        "waitWithEvents",
         "saveStateForUndo",
         "PyTorchUtils",
     ):
         assert needle in source, needle
+    for poll in ("QTimer()", "setInterval"):  # a timer-polled worker thread starves in Slicer
+        assert poll not in source, poll
 
 
 def _imports(path: Path) -> set[str]:
@@ -232,17 +235,23 @@ def _requirement_names(lines) -> set[str]:
     return out
 
 
+# Engine dependencies Slicer must not pip-install: its own SimpleITK, and what only the
+# command line uses (progress bars, reading .seg.nrrd files outside Slicer).
+NOT_IN_SLICER = {"simpleitk", "slicerio", "tqdm"}
+
+
 def test_slicer_requirements_cover_the_engine():
     """Resources/requirements.txt holds the engine's pip dependencies (torch/sam2 come separately)."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    engine = _requirement_names(project["dependencies"])
+    engine = _requirement_names(project["dependencies"]) - NOT_IN_SLICER
     slicer_reqs = _requirement_names(REQUIREMENTS.read_text(encoding="utf-8").splitlines())
     assert engine <= slicer_reqs, f"missing from requirements.txt: {sorted(engine - slicer_reqs)}"
     assert not ({"torch", "torchvision", "sam2"} & slicer_reqs), (
         "torch and sam2 are installed separately"
     )
+    assert not (NOT_IN_SLICER & slicer_reqs), sorted(NOT_IN_SLICER & slicer_reqs)
 
 
 def test_planning_needs_no_mrml():
@@ -267,3 +276,170 @@ def test_dependency_check_knows_every_requirement():
     assert slicer_reqs <= checked, (
         f"requirements never checked before use: {sorted(slicer_reqs - checked)}"
     )
+
+
+# ---------------------------------------------------------------- loads in an old Slicer too
+
+
+def _guard(tree: ast.Module) -> ast.If:
+    """The module's ``if SUPPORTED:`` block that imports our packages."""
+    for node in tree.body:
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "SUPPORTED":
+            return node
+    raise AssertionError("no `if SUPPORTED:` block in the module")
+
+
+def _ours(name: str) -> bool:
+    return _is(name, "oflsam2") or _is(name, "oflsam2_slicer")
+
+
+def test_module_file_loads_in_python_39_and_imports_us_only_after_the_check(module_tree):
+    """Slicer 5.8 (Python 3.9) must load the file to show "needs Slicer 5.10" in the panel."""
+    source = MODULE.read_text(encoding="utf-8")
+    ast.parse(source, feature_version=(3, 9))  # no match, no except*, no newer syntax
+    assert "from __future__ import annotations" in source  # annotations are never evaluated
+    guard = _guard(module_tree)
+    assignment = [
+        n
+        for n in module_tree.body[: module_tree.body.index(guard)]
+        if isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "SUPPORTED" for t in n.targets)
+    ]
+    assert assignment and "pythonProblem()" in ast.unparse(assignment[0].value)
+    guarded = {id(n) for n in ast.walk(guard)}
+    for node in ast.walk(module_tree):
+        if isinstance(node, ast.ImportFrom | ast.Import):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            top_level = node in module_tree.body
+            if any(_ours(n) for n in names):
+                assert id(node) in guarded or not top_level, ast.unparse(node)
+        if isinstance(node, ast.Call):  # zip(..., strict=...) needs 3.10
+            assert not any(k.arg == "strict" for k in node.keywords), ast.unparse(node)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):  # X | Y types: 3.10
+            raise AssertionError(f"`|` evaluated at run time: {ast.unparse(node)}")
+        if isinstance(node, ast.With) and len(node.items) > 1:
+            raise AssertionError("several context managers in one `with`: keep it 3.9-safe")
+    # the classes Slicer instantiates on any Python exist outside the guard
+    top = {n.name for n in module_tree.body if isinstance(n, ast.ClassDef)}
+    assert {
+        "OFLSAM2Slicer",
+        "OFLSAM2SlicerWidget",
+        "OFLSAM2SlicerLogic",
+        "OFLSAM2SlicerTest",
+    } <= top
+
+
+def test_old_python_gets_a_message_in_the_panel(module_tree):
+    from oflsam2_slicer import dependencies
+
+    assert module_constant(module_tree, "MINIMUM_PYTHON") == dependencies.MINIMUM_PYTHON
+    assert module_constant(module_tree, "MINIMUM_SLICER") == dependencies.MINIMUM_SLICER == "5.10"
+    setup = _method(module_tree, "OFLSAM2SlicerWidget", "setup")
+    first = [ast.unparse(n) for n in setup.body[:3]]
+    assert "problem = pythonProblem()" in first, first  # before loading the .ui or the logic
+    check = setup.body[2]
+    assert isinstance(check, ast.If) and isinstance(check.body[-1], ast.Return)
+    assert "QLabel" in ast.unparse(check)
+
+
+def _method(tree: ast.Module, cls: str, name: str) -> ast.FunctionDef:
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == name:
+                    return item
+    raise AssertionError(f"{cls}.{name} missing")
+
+
+# ---------------------------------------------------------------- panel state after errors
+
+
+def _is_error_display(node: ast.stmt) -> bool:
+    return isinstance(node, ast.With) and any(
+        "tryWithErrorDisplay" in ast.unparse(item.context_expr) for item in node.items
+    )
+
+
+def test_buttons_are_updated_in_finally_after_an_error_display(module_tree):
+    """tryWithErrorDisplay re-raises: a _updateButtons() after it would be skipped."""
+    for function in ast.walk(module_tree):
+        if not isinstance(function, ast.FunctionDef):
+            continue
+        for body in (getattr(n, "body", None) for n in ast.walk(function)):
+            if not isinstance(body, list):
+                continue
+            for i, statement in enumerate(body):
+                if not _is_error_display(statement):
+                    continue
+                for later in body[i + 1 :]:
+                    assert "_updateButtons()" not in ast.unparse(later), (
+                        f"{function.name}: _updateButtons() after tryWithErrorDisplay, not in finally"
+                    )
+
+
+def test_undo_and_imports_update_the_panel_in_finally(module_tree):
+    for name in ("onUndo", "onImportWeights"):
+        tries = [
+            n
+            for n in ast.walk(_method(module_tree, "OFLSAM2SlicerWidget", name))
+            if isinstance(n, ast.Try)
+        ]
+        assert any("_update" in ast.unparse(t.finalbody) for t in tries if t.finalbody), name
+
+
+# ---------------------------------------------------------------- Slicer's conventions
+
+
+def test_module_description_for_the_extensions_index(module_tree):
+    init = _method(module_tree, "OFLSAM2Slicer", "__init__")
+    text = ast.unparse(init)
+    assert "translate('qSlicerAbstractCoreModule', 'Segmentation')" in text
+    assert "<a href=" in text and "DOCUMENTATION_URL" in text  # a documentation link
+    url = module_constant(module_tree, "DOCUMENTATION_URL")
+    assert url.startswith("https://github.com/") and "/SlicerOFLSAM2" in url
+    assert "['OFLSAM2Slicer developers']" in text
+    for placeholder in ("John Doe", "AnyWare", "Firstname Lastname"):
+        assert placeholder not in MODULE.read_text(encoding="utf-8")
+
+
+def test_self_test_never_calls_skip_test(module_tree):
+    test = next(n for n in module_tree.body if getattr(n, "name", "") == "OFLSAM2SlicerTest")
+    calls = {ast.unparse(n.func) for n in ast.walk(test) if isinstance(n, ast.Call)}
+    assert not any(c.endswith("skipTest") for c in calls)  # "Reload and Test": a failure
+    assert "self._skip" in calls and "SKIPPED" in ast.unparse(test)
+
+
+def test_reload_reads_the_packages_again(module_tree):
+    reload = ast.unparse(_method(module_tree, "OFLSAM2SlicerWidget", "onReload"))
+    assert "forgetPackages()" in reload and "ScriptedLoadableModuleWidget.onReload(self)" in reload
+
+
+def test_glue_uses_slicer_util_for_node_lists_and_leaves_scene_undo_alone():
+    for path in sorted((MODULE_DIR / "oflsam2_slicer").glob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        assert ".GetNodesByClass(" not in source, f"{path.name}: use slicer.util.getNodesByClass"
+        assert "SaveStateForUndo" not in source and "SetUndoEnabled" not in source, path.name
+
+
+def test_torch_is_never_pip_installed(module_tree):
+    for node in ast.walk(module_tree):
+        if isinstance(node, ast.Call) and "pip_install" in ast.unparse(node.func):
+            assert "torch" not in ast.unparse(node).lower(), ast.unparse(node)
+    source = MODULE.read_text(encoding="utf-8")
+    assert "installTorch(" in source and "askConfirmation=False" in source
+
+
+def test_panel_state_names_widgets_of_the_ui(ui_widgets):
+    """oflsam2_slicer.panel sets widgets by name: each must exist in the .ui file."""
+    from oflsam2_slicer import panel
+
+    tree = ast.parse((MODULE_DIR / "oflsam2_slicer" / "panel.py").read_text(encoding="utf-8"))
+    used = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "ui"
+    }
+    used |= set(panel.INPUT_GROUPS)
+    assert used and not sorted(used - set(ui_widgets)), sorted(used - set(ui_widgets))

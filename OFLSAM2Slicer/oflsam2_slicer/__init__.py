@@ -5,7 +5,9 @@ Slicer, in Slicer's Python console without a GUI, and under the ``slicer-core`` 
 package in tests. The GUI lives in ``OFLSAM2Slicer.py`` and only wires widgets to this.
 
 Modules: ``errors`` (user errors, engine errors as one-line messages), ``options`` (the
-panel's choices, :class:`PropagationOptions`), ``task`` (background thread, status),
+panel's choices, :class:`PropagationOptions`), ``task`` (background thread, status, the
+GUI thread's wait loop), ``panel`` (which controls the panel enables), ``reloading``
+(developer reload),
 ``planning`` (paint, axis, groups, merging: numpy only), ``mrmlio`` (reading, writing and
 exporting nodes), ``store`` (per-volume sessions, write memories, undo histories), ``job``
 (one propagation), ``dependencies`` (Python packages, model weights) and ``logic``
@@ -24,7 +26,8 @@ from .errors import (
 from .job import PropagationJob, PropagationResult
 from .logic import OFLSAM2Logic
 from .options import Device, Model, PropagationOptions, Quality, SliceAxis
-from .task import BackgroundTask, TaskStatus, taskError
+from .panel import PanelState, applyPanelState, panelState
+from .task import BackgroundTask, TaskRunner, TaskStatus, taskError, waitWithEvents
 
 __all__ = [
     "REQUIRED_IMPORTS",
@@ -34,6 +37,7 @@ __all__ = [
     "Model",
     "OFLSAM2Logic",
     "OFLSAM2UserError",
+    "PanelState",
     "PropagationCancelled",
     "PropagationJob",
     "PropagationOptions",
@@ -41,8 +45,12 @@ __all__ = [
     "Quality",
     "SliceAxis",
     "TaskCancelled",
+    "TaskRunner",
     "TaskStatus",
+    "applyPanelState",
+    "panelState",
     "taskError",
     "userError",
     "userMessage",
+    "waitWithEvents",
 ]

@@ -6,7 +6,8 @@ panel, Slicer's Python console and the tests under ``slicer-core`` share one cod
 1. on the main thread, read the volume (exact IJK-to-RAS geometry) and the chosen segments
    on the volume's grid (:mod:`.mrmlio`), work out which slices the user painted and along
    which axis (:mod:`.planning`);
-2. on one background thread (:class:`.task.BackgroundTask`), run the engine (:mod:`.job`);
+2. on one background thread (:class:`.task.BackgroundTask`), run the engine (:mod:`.job`),
+   while the GUI thread waits in :func:`.task.waitWithEvents` (see :mod:`.task` for why);
 3. back on the main thread, write the result into the chosen segments only, undoably,
    keeping every painted slice exactly as the user left it.
 
@@ -116,7 +117,8 @@ class OFLSAM2Logic:
     ) -> PropagationJob:
         """Read the inputs on the main thread and start the engine on a background thread.
 
-        Poll the returned job (``job.poll()``) from a timer; when it has finished, call
+        Wait for the returned job on the main thread with :func:`.task.waitWithEvents` (the
+        panel) or ``job.wait()`` (scripts); when it has finished, call
         :meth:`finishPropagation` on the main thread to write the result.
         """
         active = self.store.active
@@ -156,8 +158,8 @@ class OFLSAM2Logic:
         """Write a finished job's result into its segments (main thread only).
 
         Checks that nothing was cancelled, removed or edited meanwhile, saves the undo state
-        (``beforeWrite`` first, e.g. the Segment Editor's own undo; then the scene's and
-        this logic's history), then writes only the chosen segments, painted slices unchanged.
+        (``beforeWrite`` first, e.g. the Segment Editor's own undo; then this logic's
+        segmentation history), then writes only the chosen segments, painted slices unchanged.
         """
         self._release(job)
         plan = job.plan
@@ -223,8 +225,8 @@ class OFLSAM2Logic:
     ) -> str:
         """Save segments on the reference volume's exact grid (see :func:`.mrmlio.exportSegments`).
 
-        ``.seg.nrrd``: a Slicer segmentation; ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``,
-        ``.mha``, ``.mhd``: a label map, segment i = label i+1.
+        ``.seg.nrrd``: a Slicer segmentation; ``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha``: a
+        label map, segment i = label i+1. Written whole or not at all.
         """
         if segmentationNode is None:
             raise OFLSAM2UserError("No segmentation: select the segmentation to export")
@@ -237,7 +239,10 @@ class OFLSAM2Logic:
 
     # ------------------------------------------------------------ weights and dependencies
 
+    installationFor = staticmethod(dependencies.installationFor)
     missingPythonPackages = staticmethod(dependencies.missingPythonPackages)
     weightsStatus = staticmethod(dependencies.weightsStatus)
+    cachedWeightsStatus = staticmethod(dependencies.cachedWeightsStatus)
+    forgetWeightsStatus = staticmethod(dependencies.forgetWeightsStatus)
     startDownload = staticmethod(dependencies.startDownload)
     importWeights = staticmethod(dependencies.importWeights)

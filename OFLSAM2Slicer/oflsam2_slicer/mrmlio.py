@@ -12,11 +12,14 @@ import numpy as np
 import slicer
 import vtk
 
+from oflsam2.files import atomic_path
 from oflsam2.volume import Geometry
 
 from .errors import OFLSAM2UserError
 
-LABELMAP_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+# One-file formats only: a detached header (.nhdr, .mhd) names its data file, which an
+# atomic write (temporary name, then rename) would leave pointing at the temporary name.
+LABELMAP_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
 EXPORT_NODE_NAME = "__oflsam2_export__"
 MAX_SEGMENTS = 255  # one uint8 label per segment
 
@@ -74,7 +77,21 @@ def volumeInput(
         raise OFLSAM2UserError(
             f"Volume '{volumeNode.GetName()}' is {array.ndim}D: choose a scalar 3D volume"
         )
+    checkFinite(array, volumeNode.GetName())
     return array, Geometry.from_ijk_to_ras(ijkToRasArray(volumeNode), dims)
+
+
+def checkFinite(array: np.ndarray, name: str) -> None:
+    """A user error naming the count of NaN or infinite voxels, if there are any."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise OFLSAM2UserError(
+            f"Volume '{name}' has {bad} of {array.size} voxels that are not a number (NaN or "
+            "infinite): replace them (e.g. Filtering > Simple Filters, or threshold them away) "
+            "and press Propagate again"
+        )
 
 
 def volumeSource(volumeNode: slicer.vtkMRMLScalarVolumeNode) -> tuple:
@@ -110,9 +127,7 @@ def _editorSelection(
     scene = segmentationNode.GetScene()
     if scene is None:
         return None
-    editors = scene.GetNodesByClass("vtkMRMLSegmentEditorNode")
-    for i in range(editors.GetNumberOfItems()):
-        editor = editors.GetItemAsObject(i)
+    for editor in slicer.util.getNodesByClass("vtkMRMLSegmentEditorNode", scene):
         selected = editor.GetSelectedSegmentID()
         if editor.GetSegmentationNode() is segmentationNode and selected in ids:
             return selected
@@ -167,9 +182,84 @@ def segmentMask(
     segmentId: str,
     volumeNode: slicer.vtkMRMLScalarVolumeNode,
 ) -> np.ndarray:
-    """The segment as a 0/1 uint8 array on the volume's grid (resampled by Slicer if needed)."""
-    array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
-    return (np.asarray(array) > 0).astype(np.uint8)
+    """The segment as a 0/1 uint8 array on the volume's grid (resampled by Slicer if needed).
+
+    Like ``slicer.util.arrayFromSegmentBinaryLabelmap``, but leaves no node behind (that one
+    leaves the temporary label map's display node in the scene).
+    """
+    scene = segmentationNode.GetScene()
+    if scene is None:
+        array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+        return (np.asarray(array) > 0).astype(np.uint8)
+    temporary: list = []
+    try:
+        node = _exportLabelmap(scene, segmentationNode, [segmentId], volumeNode, temporary)
+        return (np.asarray(slicer.util.arrayFromVolume(node)) > 0).astype(np.uint8)
+    finally:
+        removeNodes(scene, temporary)
+
+
+def _exportLabelmap(
+    scene: slicer.vtkMRMLScene,
+    segmentationNode: slicer.vtkMRMLSegmentationNode,
+    segmentIds: Sequence[str],
+    volumeNode: slicer.vtkMRMLScalarVolumeNode,
+    temporary: list,
+) -> slicer.vtkMRMLLabelMapVolumeNode:
+    """A temporary label map node (segment i = label i + 1) on the volume's grid.
+
+    It and what the export adds (its display node, a "<segmentation>_ColorTable" node) are
+    appended to ``temporary`` for :func:`removeNodes`.
+    """
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", EXPORT_NODE_NAME)
+    temporary.append(node)
+    names = vtk.vtkStringArray()
+    for sid in segmentIds:
+        names.InsertNextValue(sid)
+    logic = slicer.modules.segmentations.logic()
+    before = {n.GetID() for n in slicer.util.getNodesByClass("vtkMRMLColorNode", scene)}
+    exported = logic.ExportSegmentsToLabelmapNode(segmentationNode, names, node, volumeNode)
+    display = node.GetDisplayNode()
+    colors = display.GetColorNode() if display is not None else None
+    if colors is not None and colors.GetID() not in before:
+        temporary.insert(0, colors)
+    if not exported:
+        raise OFLSAM2UserError("Slicer could not export the segments to a label map")
+    return node
+
+
+def writeSegmentMask(
+    segmentationNode: slicer.vtkMRMLSegmentationNode,
+    segmentId: str,
+    volumeNode: slicer.vtkMRMLScalarVolumeNode,
+    mask: np.ndarray,
+) -> None:
+    """Replace a segment's voxels by ``mask`` (0/1 on the volume's grid), leaving no node behind.
+
+    What ``slicer.util.updateSegmentBinaryLabelmapFromArray`` does, but its temporary label
+    map's display node is removed too.
+    """
+    scene = segmentationNode.GetScene()
+    volumes = slicer.modules.volumes.logic()
+    node = volumes.CreateAndAddLabelVolume(scene, volumeNode, EXPORT_NODE_NAME)
+    try:
+        slicer.util.updateVolumeFromArray(node, (np.asarray(mask) > 0).astype(np.uint8))
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segmentId)
+        logic = slicer.modules.segmentations.logic()
+        if not logic.ImportLabelmapToSegmentationNode(node, segmentationNode, ids):
+            raise RuntimeError(f"Slicer could not write segment {segmentId}")
+    finally:
+        removeNodes(scene, [node])
+
+
+def removeNodes(scene: slicer.vtkMRMLScene, nodes: Sequence) -> None:
+    """Remove temporary nodes (last added first) and their display nodes from ``scene``."""
+    for node in reversed(nodes):
+        display = node.GetDisplayNode() if hasattr(node, "GetDisplayNode") else None
+        if display is not None:
+            scene.RemoveNode(display)
+        scene.RemoveNode(node)
 
 
 def paintedMasks(
@@ -229,24 +319,21 @@ def writeSegments(
 ) -> None:
     """Write ``masks`` into their segments, undoably, and mark them "in progress".
 
-    Saves undo states first: ``beforeWrite`` (e.g. the Segment Editor's own undo), then the
-    scene's and ``history``.
+    Saves undo states first: ``beforeWrite`` (e.g. the Segment Editor's own undo), then
+    ``history`` (the logic's own segmentation history). The scene's undo is left alone: it
+    is off in Slicer by default, and switching it on here would only leave a side effect.
     """
     if not masks:
         return
     if beforeWrite is not None:
         beforeWrite()
-    segmentationNode.SetUndoEnabled(True)
-    segmentationNode.GetScene().SaveStateForUndo()
     history.SaveState()
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     segmentation = segmentationNode.GetSegmentation()
     was = segmentationNode.StartModify()
     try:
         for sid, mask in masks.items():
-            slicer.util.updateSegmentBinaryLabelmapFromArray(
-                mask, segmentationNode, sid, volumeNode
-            )
+            writeSegmentMask(segmentationNode, sid, volumeNode, mask)
             logic.SetSegmentStatus(segmentation.GetSegment(sid), logic.InProgress)
     finally:
         segmentationNode.EndModify(was)
@@ -272,8 +359,7 @@ def _segmentationCopy(
         if segment is None:
             raise OFLSAM2UserError(f"Segmentation has no segment '{sid}'")
         node.GetSegmentation().AddEmptySegment(sid, segment.GetName(), segment.GetColor())
-        mask = segmentMask(segmentationNode, sid, volumeNode)
-        slicer.util.updateSegmentBinaryLabelmapFromArray(mask, node, sid, volumeNode)
+        writeSegmentMask(node, sid, volumeNode, segmentMask(segmentationNode, sid, volumeNode))
     storage = slicer.vtkMRMLSegmentationStorageNode()
     storage.SetCropToMinimumExtent(False)
     return node, storage
@@ -287,14 +373,7 @@ def _labelmapCopy(
     temporary: list,
 ) -> tuple[slicer.vtkMRMLLabelMapVolumeNode, slicer.vtkMRMLStorageNode]:
     """A temporary label map node (segment i = label i + 1) on the volume's grid, and its storage."""
-    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", EXPORT_NODE_NAME)
-    temporary.append(node)
-    names = vtk.vtkStringArray()
-    for sid in segmentIds:
-        names.InsertNextValue(sid)
-    logic = slicer.modules.segmentations.logic()
-    if not logic.ExportSegmentsToLabelmapNode(segmentationNode, names, node, volumeNode):
-        raise OFLSAM2UserError("Slicer could not export the segments to a label map")
+    node = _exportLabelmap(scene, segmentationNode, segmentIds, volumeNode, temporary)
     return node, slicer.vtkMRMLVolumeArchetypeStorageNode()
 
 
@@ -313,6 +392,23 @@ def exportTarget(path: str) -> tuple[Path, Callable]:
     )
 
 
+def _writeAtomically(storage: slicer.vtkMRMLStorageNode, node, target: Path) -> None:
+    """Write through a temporary file beside ``target``: a failed write leaves no half file."""
+    try:
+        with atomic_path(target) as tmp:
+            storage.SetFileName(str(tmp))
+            if not storage.WriteData(node):
+                raise OFLSAM2UserError(
+                    f"Could not write {target}: check the folder is writable and has space"
+                )
+    except OSError as exc:
+        raise OFLSAM2UserError(
+            f"Could not write {target}: {exc.strerror or exc}; check the folder is writable"
+        ) from None
+    finally:
+        storage.SetFileName(str(target))
+
+
 def exportSegments(
     segmentationNode: slicer.vtkMRMLSegmentationNode,
     segmentIds: Sequence[str],
@@ -322,7 +418,8 @@ def exportSegments(
     """Save segments on the volume's exact grid through Slicer's own storage nodes.
 
     ``.seg.nrrd``: a Slicer segmentation (names, colours, one label per segment).
-    ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``: a label map, segment i = label i+1.
+    ``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha``: a label map, segment i = label i+1.
+    The file is written whole or not at all: an existing file is replaced only on success.
     """
     target, copy = exportTarget(path)
     scene = segmentationNode.GetScene()
@@ -331,13 +428,7 @@ def exportSegments(
         node, storage = copy(scene, segmentationNode, segmentIds, volumeNode, temporary)
         scene.AddNode(storage)
         temporary.append(storage)
-        storage.SetFileName(str(target))
-        if not storage.WriteData(node):
-            raise OFLSAM2UserError(f"Could not write {target}: check the folder is writable")
+        _writeAtomically(storage, node, target)
     finally:
-        for node in reversed(temporary):
-            display = node.GetDisplayNode() if hasattr(node, "GetDisplayNode") else None
-            if display is not None:
-                scene.RemoveNode(display)
-            scene.RemoveNode(node)
+        removeNodes(scene, temporary)
     return str(target)

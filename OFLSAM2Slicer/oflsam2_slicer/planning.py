@@ -197,6 +197,64 @@ def checkPaintAxis(
     )
 
 
+# A stroke in another view: at least this many voxels, one voxel thin across that view's
+# slices, and the only paint on at least this many slices of the propagation's axis.
+SHEET_VOXELS = 16
+SHEET_SLICES = 4
+
+
+def _thin(paint: np.ndarray, axis: int) -> np.ndarray:
+    """Painted voxels whose two neighbours along ``axis`` are not painted (a one-voxel sheet)."""
+    p = paint.astype(bool)
+    n = p.shape[axis]
+    covered = np.zeros_like(p)
+    if n > 1:
+        covered[take(axis, slice(1, n))] |= p[take(axis, slice(0, n - 1))]
+        covered[take(axis, slice(0, n - 1))] |= p[take(axis, slice(1, n))]
+    return p & ~covered
+
+
+def crossAxis(paint: np.ndarray, axis: int) -> int | None:
+    """Another array axis this segment is also painted along (a stroke in another view), or None.
+
+    Paint on slices across ``axis`` is one voxel thin along ``axis`` where the painted slices
+    have gaps. A stroke drawn in another view is one voxel thin along that view's axis, and
+    it is all there is on the slices of ``axis`` it crosses between the painted ones: each of
+    those would count as "annotated" (and cut the propagation there) without this check. A
+    fully painted segment is not refused: its slices hold more than thin lines.
+    """
+    occupied = np.nonzero(paint)
+    if not occupied[0].size:
+        return None
+    box = tuple(slice(int(o.min()), int(o.max()) + 1) for o in occupied)
+    paint = paint[box].astype(bool)
+    inPlane = tuple(a for a in range(3) if a != axis)
+    perSlice = np.count_nonzero(paint, axis=inPlane)
+    thinHere = _thin(paint, axis)
+    for other in inPlane:
+        sheet = _thin(paint, other) & ~thinHere
+        if np.count_nonzero(sheet) < SHEET_VOXELS:
+            continue
+        onlySheet = (perSlice > 0) & (np.count_nonzero(sheet, axis=inPlane) == perSlice)
+        if np.count_nonzero(onlySheet) >= SHEET_SLICES:
+            return other
+    return None
+
+
+def checkSingleOrientation(
+    paints: Mapping[str, np.ndarray], names: Mapping[str, str], axis: int, ijkToRas: np.ndarray
+) -> None:
+    """Each segment's paint lies on slices of one orientation; else say which two and how to fix it."""
+    for sid, paint in paints.items():
+        other = crossAxis(paint, axis)
+        if other is not None:
+            here, there = orientationOfAxis(ijkToRas, axis), orientationOfAxis(ijkToRas, other)
+            raise OFLSAM2UserError(
+                f"Segment '{names[sid]}' is painted on both {here} and {there} slices: erase "
+                "the strokes of one orientation and press Propagate again"
+            )
+
+
 def sliceWindow(count: int, sliceRange: tuple[int, int] | None) -> tuple[int, int]:
     """First and last slice (inclusive) to propagate among ``count``, within ``sliceRange``."""
     if sliceRange is None:
@@ -255,6 +313,7 @@ def findLayout(
         paints[sid], used[sid], kept[sid] = paintOf(original, memories.get(sid))
     axis, explicit = resolveAxis(paints, used, axisChoice, ijkToRas)
     checkPaintAxis(paints, names, axis, explicit, ijkToRas)
+    checkSingleOrientation(paints, names, axis, ijkToRas)
     lo, hi = sliceWindow(next(iter(originals.values())).shape[axis], sliceRange)
     annotated = {}
     for sid, original in originals.items():

@@ -1,4 +1,22 @@
-"""Work on a background thread that a GUI timer polls, with progress as data and a cancel flag."""
+"""Work on a background thread, waited for on the GUI thread, with progress as data and a cancel flag.
+
+How the GUI waits (issue 9): in Slicer the main thread holds Python's GIL while it sits in
+the Qt event loop (CTK initialises PythonQt and never releases it), so a Python worker
+thread that a QTimer polls runs only during the few milliseconds of each poll callback: a
+propagation that takes a minute from the command line would take many minutes in the panel.
+Of the two ways out, this module takes the **main-thread wait loop** (SlicerNNInteractive's):
+:func:`waitWithEvents` waits for the worker in short slices that release the GIL and calls
+``slicer.app.processEvents()`` between them, so the worker runs at full speed and the GUI
+stays live (progress bar, Cancel, views). Chosen over a child process running the engine
+because it keeps one process: the segmenter and its feature cache stay in Slicer's Python
+(nothing of 100+ MB to serialise, no second copy of torch and the model in memory, no
+``PythonSlicer`` launcher environment to reproduce on three platforms), every path is the
+one the tests run, and it is a few lines. What it does not give: a crash or out-of-memory
+inside torch still takes Slicer down, as with any in-process extension, and the panel runs
+a nested event loop while it waits (its own buttons are disabled meanwhile, closing the
+scene cancels). :class:`TaskRunner` wraps the loop for a panel: one task at a time, and
+the panel is always given back, whatever is raised.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +46,10 @@ LOADING = "loading model"
 DOWNLOADING = "downloading"
 
 Work = Callable[[Progress, threading.Event], Any]
+
+# The GUI thread's wait loop: seconds per GIL-free wait, and between two progress updates.
+WAIT_SLICE = 0.03
+POLL_INTERVAL = 0.2
 
 
 @dataclass(frozen=True)
@@ -115,6 +137,7 @@ class BackgroundTask:
         self._work = work
         self._status = TaskStatus("idle", kind=kind, names=dict(names or {}))
         self._cancel = threading.Event()
+        self._finished = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
@@ -157,6 +180,7 @@ class BackgroundTask:
             self._result = result
             self._status = replace(self._status, state=state, error=error)
             self._t_end = time.perf_counter()
+        self._finished.set()
 
     def poll(self) -> TaskStatus:
         """Current state, stage, progress and speed; never blocks for long."""
@@ -178,11 +202,99 @@ class BackgroundTask:
         return self._cancel.is_set()
 
     def wait(self, timeout: float | None = None) -> TaskStatus:
-        """Block until the task ends (or ``timeout`` passes); for scripts and tests, not the GUI."""
-        if self._thread is not None:
-            self._thread.join(timeout)
+        """Block until the task ends (or ``timeout`` passes), releasing the GIL meanwhile.
+
+        For scripts and tests; the GUI calls :func:`waitWithEvents`, which calls this in
+        short slices.
+        """
+        if self._thread is None:
+            raise RuntimeError("the task was never started")
+        self._finished.wait(timeout)
         return self.poll()
 
     @property
     def result(self) -> Any:
         return self._result
+
+
+def waitWithEvents(
+    task: Any,
+    processEvents: Callable[[], Any],
+    onPoll: Callable[[TaskStatus], Any] | None = None,
+    pollInterval: float = POLL_INTERVAL,
+    waitSlice: float = WAIT_SLICE,
+) -> TaskStatus:
+    """Wait on the GUI thread until ``task`` has finished, keeping the GUI alive.
+
+    ``task`` is anything with ``wait(timeout) -> TaskStatus`` (:class:`BackgroundTask`,
+    :class:`~.job.PropagationJob`). Each turn waits up to ``waitSlice`` seconds with the GIL
+    released (the worker runs), then calls ``processEvents()`` (in Slicer
+    ``slicer.app.processEvents``: clicks, repaints, Cancel) and, every ``pollInterval``
+    seconds, ``onPoll(status)`` (progress bar, status line). Returns the final status. See
+    the module docstring for why the GUI waits this way rather than polling from a timer.
+    """
+    last = time.perf_counter()
+    while True:
+        status = task.wait(waitSlice)
+        if status.finished:
+            break
+        processEvents()
+        now = time.perf_counter()
+        if onPoll is not None and now - last >= pollInterval:
+            last = now
+            onPoll(task.wait(0))
+    if onPoll is not None:
+        onPoll(status)
+    return status
+
+
+class TaskRunner:
+    """One background task at a time for a panel, waited for with :func:`waitWithEvents`.
+
+    ``refresh()`` updates the panel (buttons from :attr:`running`); :meth:`run` calls it
+    when a task starts and, in a ``finally``, when it ends, so the panel never stays
+    "running" after an error, whatever ``start`` or ``finish`` raise (Slicer's
+    ``tryWithErrorDisplay`` shows an error and raises it again).
+    """
+
+    def __init__(
+        self, refresh: Callable[[], Any], processEvents: Callable[[], Any] = lambda: None
+    ) -> None:
+        self.refresh = refresh
+        self.processEvents = processEvents
+        self.task: Any = None
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None
+
+    def run(
+        self,
+        start: Callable[[], Any],
+        finish: Callable[[Any], Any],
+        onPoll: Callable[[TaskStatus], Any] | None = None,
+    ) -> Any:
+        """``task = start()`` (None: nothing to do), wait for it, then ``finish(task)``.
+
+        Returns what ``finish`` returns (None when nothing ran or a task is already running).
+        """
+        if self.task is not None:
+            return None
+        try:
+            task = start()
+            if task is None:
+                return None
+            self.task = task
+            self.refresh()
+            waitWithEvents(task, self.processEvents, onPoll)
+            return finish(task)
+        finally:
+            self.task = None
+            self.refresh()
+
+    def cancel(self) -> bool:
+        """Ask the running task to stop; False when none runs."""
+        if self.task is None:
+            return False
+        self.task.cancel()
+        return True
