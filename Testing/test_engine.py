@@ -77,6 +77,10 @@ def test_multi_segment_output_and_reasonable_overlap(synthetic, run):
     assert dice(result.labels == 2, truth == 2) > 0.5
     assert set(result.predicted_slices) == {1, 2}
     assert result.voxels[1] == int(np.count_nonzero(result.labels == 1))
+    between = [4, 5, 7]  # reached by both walks (painted 3, 6, 8)
+    d = result.disagreement
+    assert np.all((d[between] >= 0) & (d[between] <= 1))
+    assert np.isnan(d[[0, 3, 6, 8]]).all()  # painted, or reached by one walk only
 
 
 def test_each_slice_encoded_once_and_progress_reported(synthetic, run):

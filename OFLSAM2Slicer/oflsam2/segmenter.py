@@ -45,6 +45,9 @@ class Result:
     voxels: dict[int, int] = field(default_factory=dict)  # segment -> voxel count
     losses: dict[int, list[float]] = field(default_factory=dict)  # segment -> fit losses
     online_updates: int = 0
+    # (slices along axis,) 1 - Dice of the forward and backward walks where both reached the
+    # slice (the worst segment), nan elsewhere: where the two painted neighbours disagree
+    disagreement: np.ndarray | None = None
 
 
 @dataclass
@@ -56,6 +59,16 @@ class _Segment:
     buffer: list[Sample] = field(default_factory=list)
     anchors: list[Sample] = field(default_factory=list)  # painted slices, in every online batch
     losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _SegmentRun:
+    """One segment's propagation: full-slice logits and per-slice confidence and disagreement."""
+
+    logits: dict[int, np.ndarray] = field(default_factory=dict)
+    confidence: dict[int, float] = field(default_factory=dict)
+    disagreement: dict[int, float] = field(default_factory=dict)
+    updates: int = 0
 
 
 @dataclass
@@ -377,15 +390,18 @@ class OFLSegmenter:
         plane = self._slice(self._sparse, 0).shape
         probs: dict[int, dict[int, np.ndarray]] = {}
         conf = np.full(n, np.nan)
+        disagreement = np.full(n, np.nan)
         predicted: dict[int, list[int]] = {}
         updates = 0
         for value, seg in self._segments.items():
-            slices_logits, seg_conf, upd = self._propagate_segment(seg, plane, progress, cancel)
-            updates += upd
-            probs[value] = slices_logits
-            predicted[value] = sorted(slices_logits)
-            for t, c in seg_conf.items():
+            run = self._propagate_segment(seg, plane, progress, cancel)
+            updates += run.updates
+            probs[value] = run.logits
+            predicted[value] = sorted(run.logits)
+            for t, c in run.confidence.items():
                 conf[t] = c if np.isnan(conf[t]) else min(conf[t], c)
+            for t, d in run.disagreement.items():
+                disagreement[t] = d if np.isnan(disagreement[t]) else max(disagreement[t], d)
         labels = self._decide(probs)
         enc = self.encode_seconds - enc0
         timings = {
@@ -404,6 +420,7 @@ class OFLSegmenter:
             voxels={v: int(np.count_nonzero(labels == v)) for v in self._segments},
             losses={v: s.losses for v, s in self._segments.items()},
             online_updates=updates,
+            disagreement=disagreement,
         )
 
     def _decide(self, probs: dict[int, dict[int, np.ndarray]]) -> np.ndarray:
@@ -437,7 +454,7 @@ class OFLSegmenter:
         plane: tuple[int, int],
         progress: Progress | None,
         cancel: threading.Event | None,
-    ) -> tuple[dict[int, np.ndarray], dict[int, float], int]:
+    ) -> _SegmentRun:
         s = self.settings
         ann = seg.tracker.view.annotated
         painted = [a for a in ann if np.any(self._slice(self._sparse, a) == seg.value)]
@@ -454,10 +471,11 @@ class OFLSegmenter:
         walk = _Walk(total=2 * inner + 2 * s.stop_after + 2, max_beyond=max_beyond)
         fwd = self._walk(seg, lo, +1, hi, plane, walk, progress, cancel)
         bwd = self._walk(seg, hi, -1, lo, plane, walk, progress, cancel)
-        logits: dict[int, np.ndarray] = {}
-        conf: dict[int, float] = {}
+        run = _SegmentRun(updates=walk.updates)
+        logits, conf = run.logits, run.confidence
         for t in set(fwd) | set(bwd):
             if t in fwd and t in bwd:  # between painted slices: blend by distance
+                run.disagreement[t] = 1.0 - _dice(fwd[t][0] > 0, bwd[t][0] > 0)
                 a = max(x for x in ann if x < t)
                 b = min(x for x in ann if x > t)
                 w = (b - t) / float(b - a)
@@ -465,7 +483,7 @@ class OFLSegmenter:
                 conf[t] = w * fwd[t][1] + (1 - w) * bwd[t][1]
             else:
                 logits[t], conf[t] = fwd[t] if t in fwd else bwd[t]
-        return logits, conf, walk.updates
+        return run
 
     def _prior(self, seg: _Segment, t: int) -> np.ndarray | float:
         """Interpolation prior as logits: the model overrides it only where it is confident."""
@@ -648,6 +666,11 @@ def _private_rng(seed: int | None = None, state: torch.Tensor | None = None):
         elif seed is not None:
             torch.manual_seed(seed)
         yield
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def _check(cancel: threading.Event | None, message: str) -> None:
