@@ -164,6 +164,7 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runner = None
         self._downloadDialog = None
         self._checkingWeights = False
+        self._nextSlice = None  # the last propagation's suggestion (oflsam2_slicer.review)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -197,7 +198,9 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
         self.ui.importWeightsButton.connect("clicked(bool)", self.onImportWeights)
+        self.ui.nextSliceButton.connect("clicked(bool)", self.onNextSlice)
         self.ui.progressBar.setVisible(False)
+        self._showReview(None)
         self.ui.statusLabel.text = _("Paint a few slices of a segment, then press Propagate.")
 
         self.initializeParameterNode()
@@ -307,7 +310,7 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._parameterNode
         running = self._runner.running
         canUndo = bool(node) and self.logic.canUndo(node.segmentation)
-        applyPanelState(self.ui, panelState(node, running, canUndo))
+        applyPanelState(self.ui, panelState(node, running, canUndo, self._nextSlice is not None))
         if not running:
             self.ui.progressBar.setVisible(False)
 
@@ -407,6 +410,7 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             except OFLSAM2UserError as exc:
                 self._showUserError(exc)
         if job is not None:
+            self._showReview(None)
             self.ui.progressBar.maximum = 0  # busy indicator until the first progress report
             self.ui.progressBar.setVisible(True)
             self.ui.statusLabel.text = _("Starting...")
@@ -426,6 +430,7 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     job, beforeWrite=lambda: self._saveSegmentEditorState(seg)
                 )
                 self.ui.statusLabel.text = self._summary(result, job.plan.names)
+                self._showReview(result)
             except PropagationCancelled as exc:
                 self.ui.statusLabel.text = str(exc)
             except OFLSAM2UserError as exc:
@@ -435,6 +440,24 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCancel(self) -> None:
         if self._runner.cancel():
             self.ui.statusLabel.text = _("Cancelling...")
+
+    def _showReview(self, result) -> None:
+        """The confidence bar and the slice to paint next of ``result`` (a PropagationResult;
+        None clears them), as the logic worked them out."""
+        confidence = result.sliceConfidence if result is not None else None
+        self._nextSlice = result.nextSlice if result is not None else None
+        self.ui.confidenceLabel.text = confidence.html() if confidence is not None else ""
+        self.ui.confidenceLabel.setVisible(confidence is not None)
+        suggestion = self._nextSlice
+        self.ui.nextSliceWidget.setVisible(suggestion is not None)
+        if suggestion is not None:
+            self.ui.nextSliceLabel.text = suggestion.text()
+            self.ui.nextSliceLabel.toolTip = suggestion.details()
+            self.ui.nextSliceButton.text = _("Go to slice {index}").format(index=suggestion.index)
+
+    def onNextSlice(self) -> None:
+        """Move the slice views to the suggested slice (the logic knows where it is)."""
+        self.logic.jumpToSlice(self._nextSlice)
 
     @staticmethod
     def _summary(result: PropagationResult, names: dict) -> str:
@@ -467,6 +490,7 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True):
                 if self.logic.undo(self._parameterNode.segmentation):
+                    self._showReview(None)
                     self.ui.statusLabel.text = _(
                         "Restored the segmentation as it was before the propagation."
                     )
@@ -861,6 +885,11 @@ class OFLSAM2SlicerTest(ScriptedLoadableModuleTest):
         )
         self.delayDisplay(f"Dice with the thresholded lung between painted slices: {overlap:.3f}")
         self.assertGreater(overlap, 0.7)
+        suggestion = result.nextSlice
+        self.assertIsNotNone(suggestion, "no slice suggested to paint next")
+        self.assertIn(suggestion.index, inside)
+        self.assertTrue(logic.jumpToSlice(suggestion))
+        self.delayDisplay(suggestion.text())
 
         self.assertTrue(logic.undo(seg))
         restored = slicer.util.arrayFromSegmentBinaryLabelmap(seg, "lung", volume) > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ def segment_argv(labels, output, *options: str, image=CT_PATH) -> list[str]:
 
 def run_cli(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "oflsam2.cli", *argv], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "oflsam2.cli", *argv], capture_output=True, text=True, timeout=1800
     )
 
 
@@ -46,9 +47,15 @@ def test_segment_end_to_end_random_init(right_lung_file, right_lung, tmp_path):
     sparse_path = right_lung_file
     out = tmp_path / "out.nii.gz"
     report = tmp_path / "report.json"
-    options = ("--image-size", "512", "--device", "cpu", "--fit-steps", "15", "--quiet")
+    options = ("--image-size", "512", "--device", "cpu", "--fit-steps", "15")
     proc = run_cli(segment_argv(sparse_path, out, *RANDOM_SAM2, *options, "--json", str(report)))
     assert proc.returncode == 0, proc.stderr
+    # stderr is a pipe, not a terminal: progress comes as a few whole lines, no bar frames
+    assert "\r" not in proc.stderr
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("oflsam2: ")]
+    assert any(line.endswith("started (15 steps)") for line in progress), proc.stderr
+    assert len(progress) < 30, proc.stderr
+    assert "paint slice" in proc.stderr
     written = sitk.ReadImage(str(out))
     ref = sitk.ReadImage(CT_PATH)
     assert written.GetSize() == ref.GetSize()
@@ -67,6 +74,23 @@ def test_segment_end_to_end_random_init(right_lung_file, right_lung, tmp_path):
         assert rep["timings_s"][stage] >= 0
     assert rep["voxels_per_segment"][str(RIGHT_LUNG)] == int(np.count_nonzero(arr == RIGHT_LUNG))
     assert rep["device"] == "cpu"
+    suggested = rep["suggested_slices"]
+    assert 1 <= len(suggested) <= 3
+    assert all(s["slice"] not in right_lung.slices and 0 < s["score"] <= 1 for s in suggested)
+    assert len(rep["slice_confidence"]) == 34
+
+
+def test_next_slice_line():
+    from oflsam2.cli_segment import next_slice_text
+
+    labels = np.zeros((21, 8, 8), np.uint8)
+    labels[:, 2:6, 2:6] = 1
+    result = SimpleNamespace(
+        labels=labels, axis=0, annotated=[5, 15], confidence=np.full(21, 0.8), disagreement=None
+    )
+    assert next_slice_text(result).startswith("paint slice 10 next (axis 0)")
+    result.labels = np.zeros_like(labels)
+    assert next_slice_text(result).startswith("no slice to suggest")
 
 
 def _err(capsys, argv) -> tuple[int, str]:

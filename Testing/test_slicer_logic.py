@@ -808,7 +808,8 @@ class ShownError(contextlib.AbstractContextManager):
 def fake_panel():
     names = (
         "propagateButton cancelButton undoButton exportButton segmentSelector firstSliceSpinBox "
-        "lastSliceSpinBox inputsCollapsibleButton modelCollapsibleButton advancedCollapsibleButton"
+        "lastSliceSpinBox inputsCollapsibleButton modelCollapsibleButton advancedCollapsibleButton "
+        "nextSliceButton"
     )
     return types.SimpleNamespace(
         **{n: types.SimpleNamespace(enabled=None, toolTip="") for n in names.split()}
@@ -1226,6 +1227,21 @@ def test_litemedsam_keeps_paint_and_other_segments(ct, litemedsam_run):
         np.testing.assert_array_equal(run.after[RIGHT_LUNG][t], run.before[RIGHT_LUNG][t])
     assert run.result.slicesWritten[RIGHT_LUNG] > 0
     assert run.result.encoderCalls >= run.result.encodedSlices > 0
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_litemedsam_suggests_the_next_slice_and_shows_its_confidence(ct, litemedsam_run):
+    result = litemedsam_run.result
+    nxt = result.nextSlice
+    assert nxt is not None and nxt.orientation == "axial"
+    assert nxt.index not in ct.painted and 0 < nxt.score <= 1
+    assert ct.truth[RIGHT_LUNG][nxt.index].any()  # a slice through the lung
+    conf = result.sliceConfidence
+    predicted = [t for t in range(34) if np.isfinite(conf.values[t])]
+    assert len(predicted) > 10 and not set(predicted) & set(ct.painted)
+    assert all(0 <= conf.values[t] <= 1 for t in predicted)
+    print(f"{nxt.text()} ({nxt.score:.0%}); confidence {conf.bar()}; {conf.summary()}")
 
 
 @pytest.mark.slow

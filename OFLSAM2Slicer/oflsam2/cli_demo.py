@@ -79,7 +79,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from . import volume as vol
     from .baselines import InterpolatorUnavailable, choose_slices, fill_between_slices
-    from .cli_segment import ProgressBars, report_json
+    from .cli_progress import ProgressBars
+    from .cli_segment import report_json
     from .metrics import dice
     from .segmenter import OFLSegmenter
     from .settings import Settings
@@ -153,7 +154,7 @@ def run_demo(args: argparse.Namespace) -> int:
         vol.write_labels(out / files[2], result.labels, g, names, colors, into=tmp[2])
         tmp[3].write_text(report_json(report), encoding="utf-8")
         draw_overview(
-            tmp[4], image.array, sparse, result.labels, truth, value, slices, d_ofl, d_fill, seg
+            tmp[4], image, sparse, result.labels, truth, value, slices, d_ofl, d_fill, seg
         )
         check_interrupted()  # a signal a library swallowed: still write nothing
     fill_text = "n/a" if d_fill is None else f"{d_fill:.3f}"
@@ -165,42 +166,67 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def draw_overview(path, image, sparse, result, truth, value, painted, d_ofl, d_fill, seg) -> None:
-    """A montage of 8 axial slices (image, painted outline, result and ground truth) as PNG
-    into ``path`` (written directly: the caller makes it a temporary file)."""
+    """A montage of 8 axial slices of ``image`` (a :class:`~oflsam2.volume.Volume`): the image,
+    painted outline, result and ground truth, in the radiological convention (patient right on
+    the picture's left, anterior up: :mod:`oflsam2.pictures`), as PNG into ``path`` (written
+    directly: the caller makes it a temporary file)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from . import volume as vol
+    from .pictures import slice_view
 
+    array = image.array
+    view = slice_view(image.geometry, 0)
     ks = np.flatnonzero(truth.any(axis=(1, 2)))
     lo, hi = int(ks[0]), int(ks[-1])
     show = sorted(
-        set(np.linspace(max(lo - 1, 0), min(hi + 1, image.shape[0] - 1), 8).round().astype(int))
+        set(np.linspace(max(lo - 1, 0), min(hi + 1, array.shape[0] - 1), 8).round().astype(int))
     )
-    window = seg.window or vol.intensity_window(image)
+    window = seg.window or vol.intensity_window(array)
     fig, axes = plt.subplots(2, 4, figsize=(12, 6.6), dpi=100)
     for ax, k in zip(axes.ravel(), show, strict=False):
-        ax.imshow(vol.apply_window(image[k], window), cmap="gray", origin="lower")
+        pic = view.picture
+        ax.imshow(vol.apply_window(pic(array, k), window), cmap="gray", aspect=view.aspect)
         if k in painted:
-            ax.contour(sparse[k] == value, levels=[0.5], colors=["#ffd400"], linewidths=2.2)
-        ax.contour(truth[k], levels=[0.5], colors=["#00c8ff"], linewidths=1.0)
+            ax.contour(pic(sparse, k) == value, levels=[0.5], colors=["#ffd400"], linewidths=2.2)
+        ax.contour(pic(truth, k), levels=[0.5], colors=["#00c8ff"], linewidths=1.0)
         ax.contour(
-            result[k] == value, levels=[0.5], colors=["#ff3b3b"], linewidths=1.0, linestyles="--"
+            pic(result, k) == value,
+            levels=[0.5],
+            colors=["#ff3b3b"],
+            linewidths=1.0,
+            linestyles="--",
         )
         ax.set_title(f"slice {k}" + (" (painted)" if k in painted else ""), fontsize=9)
+        _edge_letters(ax, view.edges)
         ax.axis("off")
     for ax in axes.ravel()[len(show) :]:
         ax.axis("off")
     fill_text = "n/a" if d_fill is None else f"{d_fill:.3f}"
     fig.suptitle(
         f"oflsam2 ({seg.backbone.name}) Dice {d_ofl:.3f}  vs  Fill between slices {fill_text}   "
-        "(unpainted slices)\nyellow: painted   red dashed: oflsam2   blue: ground truth",
+        "(unpainted slices)\nyellow: painted   red dashed: oflsam2   blue: ground truth   "
+        "(patient right on the left, as in Slicer)",
         fontsize=11,
     )
-    fig.tight_layout(h_pad=1.6)
+    # room for each row's titles (tight_layout let the lower titles run under the upper images)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.875, wspace=0.04, hspace=0.1)
     try:
         fig.savefig(path, format="png")
     finally:
         plt.close(fig)
+
+
+def _edge_letters(ax, edges: tuple[str, str, str, str]) -> None:
+    """The patient side at the picture's left, right, top and bottom, as Slicer marks them."""
+    style = {"color": "#ffd400", "fontsize": 8, "transform": ax.transAxes, "fontweight": "bold"}
+    for (x, y, ha, va), text in zip(
+        ((0.01, 0.5, "left", "center"), (0.99, 0.5, "right", "center"),
+         (0.5, 0.99, "center", "top"), (0.5, 0.01, "center", "bottom")),
+        edges,
+        strict=True,
+    ):  # fmt: skip
+        ax.text(x, y, text, ha=ha, va=va, **style)

@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_progress import ProgressBars
 from .errors import InputError, check_interrupted, first_line
 from .files import atomic_paths, check_writable, same_file
-from .progress import ProgressEvent
 from .settings import BACKBONES, DEFAULTS, DEVICES, IMAGE_SIZES, ROI_MODES, Settings
 
 
@@ -115,35 +115,6 @@ def parse_slices(text: str | None) -> list[int] | None:
         raise InputError(
             f"--slices must be comma-separated integers such as 12,40,77, not {text!r}"
         ) from None
-
-
-class ProgressBars:
-    """One tqdm bar per stage, on stderr."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.stage = None
-        self.bar = None
-
-    def __call__(self, event: ProgressEvent) -> None:
-        if self.quiet:
-            return
-        from tqdm import tqdm
-
-        stage, done, total = event.label(), event.done, event.total
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = tqdm(total=total, desc=stage, unit="step", file=sys.stderr, leave=False)
-        if self.bar.total != total:
-            self.bar.total = total
-        self.bar.n = done
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def available_memory() -> int | None:
@@ -280,7 +251,22 @@ def run_segment(args: argparse.Namespace) -> int:
             f"{timings['total']:.1f} s ({seg.backbone.weights}, {seg.backbone.device})",
             file=sys.stderr,
         )
+        print(next_slice_text(result), file=sys.stderr)
     return 0
+
+
+def next_slice_text(result) -> str:
+    """One line: the slices to paint next (oflsam2.guidance), or that there is none."""
+    from .guidance import suggest
+
+    top = suggest(result, top=3)
+    if not top:
+        return "no slice to suggest: nothing was predicted beside the painted slices"
+    best = ", ".join(f"{s.slice} ({s.score:.0%})" for s in top)
+    return (
+        f"paint slice {top[0].slice} next (axis {result.axis}); best slices to paint and the "
+        f"share of the expected error each should remove: {best}"
+    )
 
 
 def build_segmenter(settings: Settings, n_slices: int, quiet: bool):
@@ -338,6 +324,8 @@ def make_report(args, image, result, seg, timings: dict) -> dict:
 
     import torch
 
+    from .guidance import suggest
+
     bb = seg.backbone
     return {
         "oflsam2": __import__("oflsam2").__version__,
@@ -371,6 +359,13 @@ def make_report(args, image, result, seg, timings: dict) -> dict:
         "fit_final_loss": {
             str(v): (round(ls[-1], 4) if ls else None) for v, ls in result.losses.items()
         },
+        # where to paint next (oflsam2.guidance): slice along "axis", share of the expected
+        # error that painting it should remove, and the signals behind it
+        "suggested_slices": [s.as_dict() for s in suggest(result, top=3)],
+        "slice_confidence": [round(float(c), 4) for c in result.confidence],
+        "slice_disagreement": None
+        if result.disagreement is None
+        else [round(float(d), 4) for d in result.disagreement],
     }
 
 

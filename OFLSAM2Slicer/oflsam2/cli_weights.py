@@ -33,8 +33,6 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from . import weights
 
     if not (math.isfinite(args.timeout) and args.timeout > 0):
@@ -47,33 +45,63 @@ def _download(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 0
-    bar = None
+    bar = _DownloadProgress(args.name, entry.size)
+    try:
+        path = weights.download(args.name, progress=bar, timeout=args.timeout)
+    finally:
+        bar.close()
+    print(path)
+    return 0
 
-    def progress(done: int, total: int | None) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(
-                total=total or entry.size,
+
+class _DownloadProgress:
+    """Bytes received: a tqdm bar on a terminal, a few lines in a log (see cli_progress)."""
+
+    def __init__(self, name: str, size: int | None) -> None:
+        from .cli_progress import ProgressLines, is_terminal
+
+        self.name, self.size = name, size
+        self.bar = None
+        self.finished = False
+        self.lines = None if is_terminal(sys.stderr) else ProgressLines(sys.stderr, unit="MiB")
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if self.finished:
+            return
+        total = total or self.size
+        if self.lines is not None:
+            mib = 2**20
+            self.lines.update(f"download {self.name}", done // mib, (total or 0) // mib)
+        else:
+            self._bar(done, total)
+        if total is not None and done >= total:
+            self.close()  # transfer complete; verification follows
+            print(f"verifying {self.name} ...", file=sys.stderr)
+            self.finished = True
+
+    def _bar(self, done: int, total: int | None) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(
+                total=total,
+                initial=done,
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1024,
-                desc=args.name,
+                desc=self.name,
                 file=sys.stderr,
                 leave=True,
             )
-        bar.update(done - bar.n)
-        if total is not None and done >= total and not bar.disable:
-            bar.close()  # transfer complete; verification follows
-            print(f"verifying {args.name} ...", file=sys.stderr)
-            bar.disable = True
+        else:
+            self.bar.update(done - self.bar.n)
 
-    try:
-        path = weights.download(args.name, progress=progress, timeout=args.timeout)
-    finally:
-        if bar is not None:
-            bar.close()
-    print(path)
-    return 0
+    def close(self) -> None:
+        if self.lines is not None:
+            self.lines.close()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _import(args: argparse.Namespace) -> int:

@@ -10,8 +10,9 @@ GUI thread's wait loop), ``panel`` (which controls the panel enables), ``reloadi
 (developer reload),
 ``planning`` (paint, axis, groups, merging: numpy only), ``mrmlio`` (reading, writing and
 exporting nodes), ``store`` (per-volume sessions, write memories, undo histories), ``job``
-(one propagation), ``dependencies`` (Python packages, model weights) and ``logic``
-(:class:`OFLSAM2Logic`, which ties them together).
+(one propagation), ``review`` (the slice to paint next, the confidence per slice),
+``dependencies`` (Python packages, model weights) and ``logic`` (:class:`OFLSAM2Logic`, which
+ties them together).
 """
 
 from .dependencies import REQUIRED_IMPORTS
@@ -27,6 +28,7 @@ from .job import PropagationJob, PropagationResult
 from .logic import OFLSAM2Logic
 from .options import Device, Model, PropagationOptions, Quality, SliceAxis
 from .panel import PanelState, applyPanelState, panelState
+from .review import NextSlice, SliceConfidence
 from .task import BackgroundTask, TaskRunner, TaskStatus, taskError, waitWithEvents
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "Device",
     "DownloadCancelled",
     "Model",
+    "NextSlice",
     "OFLSAM2Logic",
     "OFLSAM2UserError",
     "PanelState",
@@ -44,6 +47,7 @@ __all__ = [
     "PropagationResult",
     "Quality",
     "SliceAxis",
+    "SliceConfidence",
     "TaskCancelled",
     "TaskRunner",
     "TaskStatus",

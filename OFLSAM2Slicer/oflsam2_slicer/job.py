@@ -16,6 +16,7 @@ from oflsam2.volume import Geometry
 
 from .options import PropagationOptions
 from .planning import Group, Layout, slicesChanged
+from .review import NextSlice, SliceConfidence, nextSlice, sliceConfidence
 from .store import Session
 from .task import LOADING, PROPAGATION, BackgroundTask, TaskStatus
 
@@ -67,6 +68,8 @@ class PropagationResult:
     seconds: float  # wall time from start to written result
     backbone: str = ""
     weights: str = ""
+    nextSlice: NextSlice | None = None  # where to paint next (None: nothing to suggest)
+    sliceConfidence: SliceConfidence | None = None  # the engine's confidence per slice
 
 
 def _engineTotals(results: Sequence[Any]) -> tuple[dict[str, float], int]:
@@ -149,4 +152,6 @@ class PropagationJob:
             seconds=seconds,
             backbone=str(getattr(backbone, "name", plan.options.settings.backbone)),
             weights=str(getattr(backbone, "weights", "") or ""),
+            nextSlice=nextSlice(plan, self.engineResults),
+            sliceConfidence=sliceConfidence(plan, self.engineResults),
         )

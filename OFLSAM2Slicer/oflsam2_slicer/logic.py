@@ -31,6 +31,7 @@ from .errors import OFLSAM2UserError, userErrors
 from .job import Plan, PropagationJob, PropagationResult, SegmenterFactory
 from .options import PropagationOptions
 from .planning import WriteMemory
+from .review import NextSlice
 from .store import Store
 from .task import taskError
 
@@ -200,6 +201,17 @@ class OFLSAM2Logic:
         job = self.startPropagation(volumeNode, segmentationNode, segmentIds, built, allVisible)
         job.wait()
         return self.finishPropagation(job, beforeWrite)
+
+    # ------------------------------------------------------------ guidance
+
+    @staticmethod
+    def jumpToSlice(nextSlice: NextSlice | None) -> bool:
+        """Move the slice views to the suggested slice (through the segment's centre there);
+        False when there is no suggestion. Each view keeps its own jump mode."""
+        if nextSlice is None:
+            return False
+        slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, *nextSlice.ras)
+        return True
 
     # ------------------------------------------------------------ undo
 

@@ -30,10 +30,12 @@ class PanelState:
     export: bool
     inputs: bool  # the segment selector and the option groups
     sliceRange: bool  # first / last slice spin boxes
+    nextSlice: bool = False  # the button that jumps the slice views to the suggested slice
 
 
-def panelState(node: Any, running: bool, canUndo: bool) -> PanelState:
-    """The panel for parameter node ``node`` (None: no scene yet) while a task runs or not."""
+def panelState(node: Any, running: bool, canUndo: bool, hasSuggestion: bool = False) -> PanelState:
+    """The panel for parameter node ``node`` (None: no scene yet) while a task runs or not;
+    ``hasSuggestion``: the last propagation suggested a slice to paint next."""
     ready = bool(
         node
         and node.inputVolume
@@ -49,6 +51,7 @@ def panelState(node: Any, running: bool, canUndo: bool) -> PanelState:
         export=bool(node and node.segmentation and node.inputVolume) and not running,
         inputs=not running,
         sliceRange=bool(node and node.limitSliceRange) and not running,
+        nextSlice=bool(node) and hasSuggestion and not running,
     )
 
 
@@ -64,3 +67,4 @@ def applyPanelState(ui: Any, state: PanelState) -> None:
         getattr(ui, name).enabled = state.inputs
     ui.firstSliceSpinBox.enabled = state.sliceRange
     ui.lastSliceSpinBox.enabled = state.sliceRange
+    ui.nextSliceButton.enabled = state.nextSlice
