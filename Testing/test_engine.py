@@ -246,3 +246,64 @@ def test_each_segment_has_its_own_painted_slices(synthetic):
     named = explicit.propagate()
     assert 5 not in named.predicted_slices[2]
     np.testing.assert_array_equal(named.labels[5], sparse[5])
+
+
+def test_sam2_takes_the_interpolated_shape_as_its_dense_prompt_between_painted_slices(
+    synthetic, fresh, monkeypatch
+):
+    """--prior interp: every slice between painted ones is decoded with the interpolated shape as
+    SAM2's mask prompt (mechanics; random weights say nothing of quality)."""
+    img, _, sparse = synthetic
+    seg = fresh
+    seg.reset(seg.settings.replace(prior="interp"))
+    seg.fit(sparse)
+    prompts: dict[int, torch.Tensor | None] = {}
+    tracker = seg._segments[1].tracker
+    original = tracker.step
+
+    def spy(learner, t, f, hires, beyond, previous):
+        calls = []
+        decode = seg.backbone.decode
+
+        def record(*args, **kwargs):
+            calls.append(kwargs.get("mask_prompt"))
+            return decode(*args, **kwargs)
+
+        monkeypatch.setattr(seg.backbone, "decode", record)
+        try:
+            return original(learner, t, f, hires, beyond, previous)
+        finally:
+            monkeypatch.setattr(seg.backbone, "decode", decode)
+            prompts[t] = calls[0]
+
+    monkeypatch.setattr(tracker, "step", spy)
+    seg.propagate()
+    inside = [t for t in prompts if 3 < t < 8 and t != 6]
+    assert sorted(inside) == [4, 5, 7]
+    side = 4 * seg.backbone.embed_shape[-1]
+    for t in inside:
+        prompt = prompts[t]
+        assert prompt is not None and tuple(prompt.shape) == (1, 1, side, side)
+        # Positive where the interpolated shape is, negative far from it.
+        assert float(prompt.max()) == 10.0 and float(prompt.min()) == -10.0
+    assert all(prompts[t] is None for t in prompts if t < 3 or t > 8)
+
+
+def test_retune_propagates_as_a_refit_would_and_refuses_fit_changes(synthetic):
+    img, _, sparse = synthetic
+    base = RANDOM_SAM2.replace(fit_steps=5, online=False)
+    other = base.replace(extend=False, stop_after=1)
+    seg = OFLSegmenter(base)
+    seg.set_volume(img)
+    seg.fit(sparse)
+    seg.propagate()
+    seg.retune(other)
+    retuned = seg.propagate()
+    fresh = OFLSegmenter(other)
+    fresh.set_volume(img)
+    fresh.fit(sparse)
+    np.testing.assert_array_equal(retuned.labels, fresh.propagate().labels)
+    with pytest.raises(ValueError, match="refit"):
+        seg.retune(other.replace(learning_rate=1e-2))
+    with pytest.raises(ValueError, match="online"):
+        seg.retune(other.replace(online=True))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,10 +49,10 @@ from oflsam2.metrics import dice  # noqa: E402
 BASELINES = ("fill_between_slices", "nearest_slice", "litemedsam_box")
 # Engine variants: Settings changes from the defaults (LiteMedSAM backbone), in ablation order.
 ENGINE = {
-    "box_only": dict(fit_steps=0, extend=False, online=False),
-    "learner": dict(extend=False, online=False),
-    "presence": dict(online=False),
+    "box_only": dict(fit_steps=0, extend=False, inside="interp"),
+    "learner": dict(extend=False),
     "oflsam2": dict(),
+    "online": dict(online=True),
 }
 METHODS = BASELINES + tuple(ENGINE)
 DEFAULT_CSV = Path(__file__).resolve().parent / "results" / "accuracy.csv"
@@ -208,7 +209,9 @@ def cached_segmenter(folder: Path | None):
             for t in missing:
                 embed, hires = self._cache[t]
                 for j, a in enumerate([embed, *hires]):
-                    np.save(where / f"s{t:04d}_{j}.npy", a.numpy())
+                    tmp = where / f".s{t:04d}_{j}.{os.getpid()}.npy"  # parallel workers
+                    np.save(tmp, a.numpy())
+                    os.replace(tmp, where / f"s{t:04d}_{j}.npy")
 
     return Cached
 
@@ -224,20 +227,57 @@ def run_engine(
     for c in cases:
         print(f"  engine: {c.structure} {c.pattern} K={c.k}", file=sys.stderr, flush=True)
         seg = None
-        for variant in variants:
-            for seed in seeds:
+        for seed in seeds:
+            fitted, fit_seconds = None, 0.0
+            for variant in variants:
                 settings = Settings(device=device, seed=seed, **ENGINE[variant])
                 t0 = time.perf_counter()
                 if seg is None:
                     seg = factory(settings)
                     seg.volume_name = c.volume.name
                     seg.set_volume(c.volume.array, c.volume.geometry, c.volume.modality)
+                share = not settings.online and fitted == settings.fit_key()
+                if share:  # same learners: propagate only (exactly what a refit gives)
+                    seg.retune(settings)
                 else:
                     seg.reset(settings)
-                seg.fit(c.sparse, slices=c.slices, axis=AXIS)
+                    seg.fit(c.sparse, slices=c.slices, axis=AXIS)
+                    fit_seconds = time.perf_counter() - t0
+                    fitted = None if settings.online else settings.fit_key()
                 pred = seg.propagate().labels
-                rows.append(score(variant, seed, c, pred, time.perf_counter() - t0))
+                seconds = time.perf_counter() - t0 + (fit_seconds if share else 0.0)
+                rows.append(score(variant, seed, c, pred, seconds))
     return rows
+
+
+_CASES: list[Case] = []  # the cases a forked worker reads by index (nothing large is pickled)
+
+
+def _engine_task(index: int, job: tuple) -> list[Row]:
+    device, variants, seeds, store, threads = job
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return run_engine([_CASES[index]], device, variants, seeds, store)
+
+
+def run_parallel(cases: list[Case], job: tuple, workers: int):
+    """Engine rows painting by painting, in ``workers`` forked processes (1: this one)."""
+    global _CASES
+    _CASES = cases
+    if workers <= 1:
+        for i in range(len(cases)):
+            yield _engine_task(i, job)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = [pool.submit(_engine_task, i, job) for i in range(len(cases))]
+        for future in as_completed(futures):
+            yield future.result()
 
 
 # ---------------------------------------------------------------- report
@@ -367,12 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="print the tables of --csv")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
+    p.add_argument("--workers", type=int, default=1, help="processes running engine paintings")
     p.add_argument(
         "--variant",
         action="append",
         default=[],
         metavar="NAME=JSON",
-        help="an extra engine variant, e.g. nogap='{\"beyond_gap_fraction\": null}'",
+        help="an extra engine variant, e.g. grow1='{\"evidence_grow\": 1}'",
     )
     p.add_argument("--feature-cache", default="", help="folder keeping encoded slices across runs")
     args = p.parse_args(argv)
@@ -413,8 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in _list(args.seeds)]
         store = Path(args.feature_cache) if args.feature_cache else None
         print(f"running {', '.join(variants)} on {len(cases)} cases ...", file=sys.stderr)
-        for case in cases:  # one painting at a time, saved as it goes
-            rows += run_engine([case], args.device, variants, seeds, store)
+        job = (args.device, variants, seeds, store, args.threads)
+        for done in run_parallel(cases, job, args.workers):  # saved as they come
+            rows += done
             write_csv(Path(args.csv), rows)
     report(rows, patterns, ks)
     print(f"\nwrote {args.csv}")

@@ -1,12 +1,17 @@
-"""Speed and memory of oflsam2 against plain SAM2 propagation (random-init SAM2 tiny).
+"""Speed and memory of oflsam2: a first run, plain SAM2 propagation, and a correction.
 
-Prints a table; numbers are measured in one run of this script, so ratios between rows
-are comparable even on a noisy machine. Random weights: FLOPs equal the real model's,
-masks are meaningless.
+Per case and backbone (random-init SAM2 tiny at each size: FLOPs equal the real model's, masks
+are meaningless; LiteMedSAM with its real weights): fit seconds and the whole first run (3
+painted slices, encoding included), plain SAM2's own video predictor on the same tensors, then
+one more slice painted in the middle of the largest gap: the local re-run (only that gap is
+decoded again) against a full run with the same learner (Dice of the two on the gap).
+Numbers in one table come from one run of this script, so ratios are comparable even on a
+noisy machine. ``--encoders`` also times the frozen encoder in fp32, bf16 autocast (when the
+CPU has AVX512-BF16 or AMX) and channels-last.
 
-    .venv/bin/python bench/speed.py                       # slicerio CT + synthetic 512x512x200, sizes 512 and 1024
-    .venv/bin/python bench/speed.py --cases ct --sizes 512
-    .venv/bin/python bench/speed.py --synthetic-slices 40 # a shorter synthetic volume
+    .venv/bin/python bench/speed.py                       # CT + synthetic 200x512x512, SAM2 at 512 and 1024, LiteMedSAM
+    .venv/bin/python bench/speed.py --cases ct --backbones litemedsam --encoders
+    .venv/bin/python bench/speed.py --device cuda --json bench/results/speed-gpu.json
 """
 
 from __future__ import annotations
@@ -113,91 +118,173 @@ def _state_from_tensor(net, images: torch.Tensor, side: int) -> dict:
     return state
 
 
-def run_ofl(img, sparse, size: int, online: bool):
+def make_segmenter(img, backbone: str, size: int, **changes):
     from oflsam2.segmenter import OFLSegmenter
     from oflsam2.settings import Settings
 
-    seg = OFLSegmenter(
-        Settings(backbone="sam2", random_init=True, device="cpu", image_size=size, online=online)
+    settings = Settings(
+        backbone=backbone, random_init=backbone == "sam2", device=DEVICE, image_size=size, **changes
     )
+    seg = OFLSegmenter(settings)
     seg.set_volume(img)
+    return seg
+
+
+def timed_run(seg, sparse, slices) -> tuple[float, float, object]:
+    """(fit seconds, whole-run seconds, result) of fit + propagate, encoding included."""
     t0 = time.perf_counter()
-    seg.fit(sparse)
-    r = seg.propagate()
-    total = time.perf_counter() - t0
-    return seg, r, total
+    seg.fit(sparse, slices=slices, axis=0)
+    fit_s = time.perf_counter() - t0
+    result = seg.propagate()
+    return fit_s, time.perf_counter() - t0, result
+
+
+def correction(
+    truth: np.ndarray, sparse: np.ndarray, slices: list[int]
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """One more painted slice in the middle of the largest painted gap, and that gap's slices."""
+    gaps = [(b - a, a, b) for a, b in zip(slices, slices[1:], strict=False)]
+    _, a, b = max(gaps)
+    extra = (a + b) // 2
+    sparse2 = sparse.copy()
+    sparse2[extra] = truth[extra]
+    return sparse2, sorted([*slices, extra]), list(range(a + 1, b))
+
+
+def measure(name, img, truth, backbone: str, size: int, plain: bool) -> dict:
+    from oflsam2.metrics import dice
+
+    sparse, slices = painted(truth, 3)
+    seg = make_segmenter(img, backbone, size)
+    fit_s, first_s, first = timed_run(seg, sparse, slices)
+    plain_t, plain_calls = plain_sam2(seg, slices, sparse) if plain else (float("nan"), 0)
+    # A correction: one more slice; local re-run against a full run with the same learner.
+    sparse2, slices2, gap = correction(truth, sparse, slices)
+    refit_s, local_s, local = timed_run(seg, sparse2, slices2)
+    seg.retune(seg.settings.replace(local=False))
+    t0 = time.perf_counter()
+    full = seg.propagate()
+    full_s = refit_s + time.perf_counter() - t0
+    return {
+        "case": name,
+        "backbone": backbone,
+        "image_size": size if backbone == "sam2" else 256,
+        "slices": img.shape[0],
+        "fit_s": fit_s,
+        "first_run_s": first_s,
+        "plain_sam2_s": plain_t,
+        "ratio_total": first_s / plain_t if plain else float("nan"),
+        "reprop_local_s": local_s,
+        "reprop_full_s": full_s,
+        "reprop_frac": local_s / first_s,
+        "local_dice_gap": dice(local.labels[gap] > 0, full.labels[gap] > 0),
+        "encoder_calls": seg.encoder_calls,
+        "plain_encoder_calls": plain_calls,
+        "encoder_option": "fp32",
+        "peak_rss_gib": peak_rss_gib(),
+    }
+
+
+def encoder_options(backbone: str, size: int, batch: int = 4) -> list[dict]:
+    """Seconds per slice of the frozen image encoder: fp32, bf16 autocast, channels-last."""
+    seg = make_segmenter(np.zeros((1, 8, 8), np.float32), backbone, size)
+    bb = seg.backbone
+    x = bb.prepare(np.random.default_rng(0).random((batch, 256, 256)).astype(np.float32))
+    bf16 = _cpu_has_bf16()
+    out = []
+    for option in ("fp32", "bf16-autocast", "channels-last"):
+        if option == "bf16-autocast" and not bf16:
+            continue
+        xi = x.contiguous(memory_format=torch.channels_last) if option == "channels-last" else x
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=option == "bf16-autocast")
+        with ctx:
+            bb.encode(xi[:1])  # warm-up
+            t0 = time.perf_counter()
+            enc = bb.encode(xi)
+            sec = (time.perf_counter() - t0) / batch
+        out.append({"backbone": backbone, "option": option, "s_per_slice": sec, "embed": enc.embed})
+    ref = out[0]["embed"].float()
+    for row in out:
+        e = row.pop("embed").float()
+        row["max_rel_diff"] = float((e - ref).abs().max() / ref.abs().max())
+    return out
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        from pathlib import Path
+
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+DEVICE = "cpu"
 
 
 def main() -> None:
+    import json
+
+    global DEVICE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="ct,synthetic")
-    ap.add_argument("--sizes", default="512,1024")
+    ap.add_argument("--backbones", default="sam2,litemedsam")
+    ap.add_argument("--sizes", default="512,1024", help="SAM2 input sizes (LiteMedSAM: 256)")
     ap.add_argument("--synthetic-slices", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--encoders", action="store_true", help="also time the encoder options")
+    ap.add_argument("--json", help="write every row here as JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    DEVICE = args.device
     cases = []
     if "ct" in args.cases:
         cases.append(ct_case())
     if "synthetic" in args.cases:
         cases.append(synthetic_case(args.synthetic_slices))
-    rows = []
-    for name, img, truth in cases:
-        sparse, slices = painted(truth, 3)
-        for size in [int(s) for s in args.sizes.split(",")]:
-            seg, r_on, total_on = run_ofl(img, sparse, size, online=True)
-            plain_t, plain_calls = plain_sam2(seg, slices, sparse)
-            seg_off, r_off, total_off = run_ofl(img, sparse, size, online=False)
-            prop_on = r_on.timings["propagate"] + r_on.timings["encode"]
-            prop_off = r_off.timings["propagate"] + r_off.timings["encode"]
-            # Re-propagation after adding one slice (inside the ROI), on the warm segmenter.
-            extra = sorted(set(range(min(slices), max(slices) + 1)) - set(slices))[len(slices) // 2]
-            sparse2 = sparse.copy()
-            sparse2[extra] = truth[extra]
-            t0 = time.perf_counter()
-            seg.fit(sparse2)
-            seg.propagate()
-            re_t = time.perf_counter() - t0
-            rows.append(
-                {
-                    "case": name,
-                    "size": size,
-                    "plain_sam2_s": plain_t,
-                    "ofl_fit_s": r_on.timings["fit"],
-                    "ofl_prop_s": prop_on,
-                    "ofl_noonline_prop_s": prop_off,
-                    "ratio_prop": prop_on / plain_t,
-                    "ratio_prop_noonline": prop_off / plain_t,
-                    "ratio_total": total_on / plain_t,
-                    "reprop_frac": re_t / total_on,
-                    "encoder_calls": seg.encoder_calls,
-                    "plain_encoder_calls": plain_calls,
-                    "slices": img.shape[0],
-                    "online_updates": r_on.online_updates,
-                    "peak_rss_gib": peak_rss_gib(),
-                }
-            )
-            print_table(rows)
+    rows, encoders = [], []
+    for backbone in args.backbones.split(","):
+        sizes = [int(s) for s in args.sizes.split(",")] if backbone == "sam2" else [256]
+        for size in sizes:
+            if args.encoders:
+                encoders += encoder_options(backbone, size)
+                print_table(encoders, ENCODER_COLUMNS)
+            for name, img, truth in cases:
+                rows.append(measure(name, img, truth, backbone, size, plain=backbone == "sam2"))
+                print_table(rows, COLUMNS)
+                if args.json:
+                    with open(args.json, "w") as fh:
+                        json.dump({"runs": rows, "encoders": encoders}, fh, indent=1)
 
 
-def print_table(rows) -> None:
-    cols = [
-        ("case", "{}"),
-        ("size", "{}"),
-        ("plain_sam2_s", "{:.1f}"),
-        ("ofl_fit_s", "{:.1f}"),
-        ("ofl_prop_s", "{:.1f}"),
-        ("ofl_noonline_prop_s", "{:.1f}"),
-        ("ratio_prop", "{:.2f}"),
-        ("ratio_prop_noonline", "{:.2f}"),
-        ("ratio_total", "{:.2f}"),
-        ("reprop_frac", "{:.2f}"),
-        ("encoder_calls", "{}"),
-        ("plain_encoder_calls", "{}"),
-        ("slices", "{}"),
-        ("online_updates", "{}"),
-        ("peak_rss_gib", "{:.2f}"),
-    ]
+COLUMNS = [
+    ("case", "{}"),
+    ("backbone", "{}"),
+    ("image_size", "{}"),
+    ("fit_s", "{:.1f}"),
+    ("first_run_s", "{:.1f}"),
+    ("plain_sam2_s", "{:.1f}"),
+    ("ratio_total", "{:.2f}"),
+    ("reprop_local_s", "{:.1f}"),
+    ("reprop_full_s", "{:.1f}"),
+    ("reprop_frac", "{:.2f}"),
+    ("local_dice_gap", "{:.3f}"),
+    ("encoder_calls", "{}"),
+    ("plain_encoder_calls", "{}"),
+    ("encoder_option", "{}"),
+    ("peak_rss_gib", "{:.2f}"),
+]
+ENCODER_COLUMNS = [
+    ("backbone", "{}"),
+    ("option", "{}"),
+    ("s_per_slice", "{:.3f}"),
+    ("max_rel_diff", "{:.4f}"),
+]
+
+
+def print_table(rows, cols) -> None:
     table = [[c for c, _ in cols]] + [[f.format(r[c]) for c, f in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     print()

@@ -34,9 +34,11 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, choices=list(IMAGE_SIZES), default=d.image_size)
     p.add_argument("--device", default=d.device, choices=list(DEVICES))
     p.add_argument(
-        "--no-online",
-        action="store_true",
-        help="no online updates of the learner while propagating",
+        "--online",
+        action=argparse.BooleanOptionalAction,
+        default=d.online,
+        help="online updates of the learner while propagating (off by default: on the dev set "
+        "they did not pay for their time)",
     )
     p.add_argument(
         "--gamma",
@@ -63,7 +65,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         random_init=args.random_init,
         device=args.device,
         image_size=args.image_size,
-        online=not args.no_online,
+        online=args.online,
         gamma=args.gamma,
         roi=args.roi,
         seed=args.seed,

@@ -47,7 +47,11 @@ class Roi:
 
 
 def compute_roi(
-    mask2d: np.ndarray, mode: str = "auto", margin: float = 0.6, min_pad: int = 8
+    mask2d: np.ndarray,
+    mode: str = "auto",
+    margin: float = 0.6,
+    min_pad: int = 8,
+    min_side: int = 32,
 ) -> Roi:
     """A square around the painted area with a generous margin (``auto``), or the whole slice (``none``).
 
@@ -61,7 +65,7 @@ def compute_roi(
     r_lo, r_hi, c_lo, c_hi = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     extent = max(r_hi - r_lo, c_hi - c_lo)
     side = int(np.ceil(extent * (1.0 + 2 * margin))) + 2 * min_pad
-    side = max(side, 32)
+    side = max(side, min_side)
     if side >= max(h, w):
         return full
     cr, cc = (r_lo + r_hi) / 2.0, (c_lo + c_hi) / 2.0

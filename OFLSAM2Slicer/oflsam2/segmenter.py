@@ -7,7 +7,6 @@ stored as float16 and read by fitting, propagation, re-propagation and online up
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,14 +20,13 @@ from . import volume as vol
 from .backbones import Backbone, build_backbone
 from .backbones.base import NOT_DECODED_LOGIT, Prediction, Tracker
 from .errors import Cancelled, InputError
-from .files import atomic_path
 from .learner import Learner
 from .progress import ENCODE, FIT, PROPAGATE, Progress, ProgressEvent
 from .roi import Roi, compute_roi, mask_box
 from .settings import DEFAULTS, Settings
 from .training import Sample, train_steps
 
-LEARNER_FORMAT = "oflsam2-learner-1"
+LEARNER_FORMAT = "oflsam2-learner-2"  # see learner_file.FORMAT
 
 
 @dataclass
@@ -48,6 +46,8 @@ class Result:
     # (slices along axis,) 1 - Dice of the forward and backward walks where both reached the
     # slice (the worst segment), nan elsewhere: where the two painted neighbours disagree
     disagreement: np.ndarray | None = None
+    # segment -> slices decoded by this call (all predicted slices unless re-run locally)
+    recomputed: dict[int, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -59,6 +59,8 @@ class _Segment:
     buffer: list[Sample] = field(default_factory=list)
     anchors: list[Sample] = field(default_factory=list)  # painted slices, in every online batch
     losses: list[float] = field(default_factory=list)
+    last: _SegmentRun | None = None  # the last finished propagation, kept for local re-runs
+    last_painted: dict[int, np.ndarray] = field(default_factory=dict)  # its annotated slices
 
 
 @dataclass
@@ -76,7 +78,6 @@ class _Walk:
     """Counters shared by the two walks of one segment."""
 
     total: int
-    max_beyond: int  # slices a walk may go beyond the outermost painted slice
     done: int = 0
     since_update: int = 0
     updates: int = 0
@@ -114,6 +115,14 @@ class _View:
         b = min(x for x in self.annotated if x > t)
         w = (t - a) / float(b - a)
         return (1 - w) * _sdf(self.painted(a)) + w * _sdf(self.painted(b))
+
+    def prior(self, t: int, size: int) -> torch.Tensor:
+        """The interpolated shape as (1, 1, size, size) mask-prompt logits over the crop: +-10
+        beyond ``prior_scale`` pixels from its boundary, linear across it."""
+        owner = self._owner
+        logits = np.clip(-self.distance(t) / owner.settings.prior_scale, -1.0, 1.0) * 10.0
+        crop = torch.from_numpy(owner.roi.crop(logits.astype(np.float32)))[None, None]
+        return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def _sdf(mask: np.ndarray) -> np.ndarray:
@@ -191,13 +200,29 @@ class OFLSegmenter:
         """
         settings = settings or self.settings
         same = ("backbone", "model", "checkpoint", "random_init", "device", "image_size", "roi")
-        same += ("roi_margin", "roi_min_pad")
+        same += ("roi_margin", "roi_min_pad", "roi_min_side")
         changed = [n for n in same if getattr(settings, n) != getattr(self.settings, n)]
         if changed:
             raise ValueError(f"reset() cannot change {', '.join(changed)}: make a new segmenter")
         self.settings = settings
         self._segments.clear()
         self._seed(settings.seed)
+
+    def retune(self, settings: Settings) -> None:
+        """Propagate next with ``settings``, keeping the fitted learners: only the fields in
+        ``settings.PROPAGATION_ONLY`` (and online learning being off) may differ."""
+        from .settings import PROPAGATION_ONLY
+
+        if settings.fit_key() != self.settings.fit_key():
+            raise ValueError(f"retune() may change only {', '.join(PROPAGATION_ONLY)}: refit")
+        if settings.online or self.settings.online:
+            raise ValueError("retune() needs online learning off: it changes the learners")
+        self.settings = settings
+        for seg in self._segments.values():
+            seg.last = None  # a local re-run would mix two settings
+            if seg.tracker is not None:
+                seg.tracker = self.backbone.tracker(settings, seg.tracker.view)
+                seg.tracker.condition()
 
     def _annotated_for(self, value: int) -> list[int]:
         """Slices annotated for segment ``value``: those painted with it, or every named slice
@@ -315,7 +340,7 @@ class OFLSegmenter:
         roi = self.roi
         if roi is None or not roi.contains(painted):
             s = self.settings
-            roi = compute_roi(painted, s.roi, s.roi_margin, s.roi_min_pad)
+            roi = compute_roi(painted, s.roi, s.roi_margin, s.roi_min_pad, s.roi_min_side)
         key = (axis, roi, window)
         if key != self._cache_key:
             self._cache.clear()
@@ -356,7 +381,7 @@ class OFLSegmenter:
             steps,
             self._gen,
             s,
-            decoder_every=self.backbone.decoder_every,
+            decoder_every=s.fit_decoder_every or self.backbone.decoder_every,
             cancel=cancel,
             progress=report,
         )
@@ -393,8 +418,15 @@ class OFLSegmenter:
         disagreement = np.full(n, np.nan)
         predicted: dict[int, list[int]] = {}
         updates = 0
+        recomputed: dict[int, list[int]] = {}
+        runs = {}
         for value, seg in self._segments.items():
-            run = self._propagate_segment(seg, plane, progress, cancel)
+            run, recomputed[value] = self._propagate_local(seg, plane, progress, cancel)
+            runs[value] = run
+        for value, run in runs.items():  # kept only once every segment has finished
+            seg = self._segments[value]
+            seg.last = run
+            seg.last_painted = {a: self._painted(seg, a) for a in seg.tracker.view.annotated}
             updates += run.updates
             probs[value] = run.logits
             predicted[value] = sorted(run.logits)
@@ -421,6 +453,7 @@ class OFLSegmenter:
             losses={v: s.losses for v, s in self._segments.items()},
             online_updates=updates,
             disagreement=disagreement,
+            recomputed=recomputed,
         )
 
     def _decide(self, probs: dict[int, dict[int, np.ndarray]]) -> np.ndarray:
@@ -448,6 +481,79 @@ class OFLSegmenter:
         idx[self.annotation.axis] = t
         labels[tuple(idx)] = plane
 
+    def _painted(self, seg: _Segment, a: int) -> np.ndarray:
+        return self._slice(self._sparse, a) == seg.value
+
+    def _propagate_local(
+        self,
+        seg: _Segment,
+        plane: tuple[int, int],
+        progress: Progress | None,
+        cancel: threading.Event | None,
+    ) -> tuple[_SegmentRun, list[int]]:
+        """After a correction, re-run only what the changed slices can change: the intervals
+        between their painted neighbours, and the walk beyond the range on a side whose end
+        moved. The rest of the last result is kept (decoded with the learner as it was)."""
+        regions = self._changed_regions(seg) if self.settings.local else None
+        if regions is None:
+            run = self._propagate_segment(seg, plane, progress, cancel)
+            return run, sorted(run.logits)
+        run = _SegmentRun(
+            logits=dict(seg.last.logits),
+            confidence=dict(seg.last.confidence),
+            disagreement=dict(seg.last.disagreement),
+        )
+        ann = seg.tracker.view.annotated
+        for t in ann:  # now painted: the paint decides
+            for part in (run.logits, run.confidence, run.disagreement):
+                part.pop(t, None)
+        n = self._n_slices()
+        walk = _Walk(
+            total=sum((n if q is None else q) - (0 if p is None else p) for p, q in regions)
+        )
+        done: list[int] = []
+        for p, q in regions:
+            for part in (run.logits, run.confidence, run.disagreement):
+                for t in [t for t in part if (p is None or t > p) and (q is None or t < q)]:
+                    del part[t]
+            if p is not None and q is not None:  # between two painted slices: both walks
+                fwd = self._walk(seg, p, +1, q, plane, walk, progress, cancel, until=q)
+                bwd = self._walk(seg, q, -1, p, plane, walk, progress, cancel, until=p)
+            elif q is not None:  # below the lowest painted slice: its walk beyond
+                fwd, bwd = {}, self._walk(seg, q, -1, q, plane, walk, progress, cancel)
+            else:  # above the highest
+                fwd, bwd = self._walk(seg, p, +1, p, plane, walk, progress, cancel), {}
+            self._blend(seg, fwd, bwd, run)
+            done += sorted(set(fwd) | set(bwd))
+        run.updates = walk.updates
+        return run, sorted(done)
+
+    def _changed_regions(self, seg: _Segment) -> list[tuple[int | None, int | None]] | None:
+        """Open intervals (None: the volume's edge) that the changes since the last run can
+        change; None when a full run is needed (no last run, a slice removed, an empty one)."""
+        if seg.last is None:
+            return None
+        ann = seg.tracker.view.annotated
+        old = seg.last_painted
+        if set(old) - set(ann):
+            return None  # an unpainted slice: its neighbours' interval spans old results
+        changed = [
+            a for a in ann if a not in old or not np.array_equal(old[a], self._painted(seg, a))
+        ]
+        if any(not self._painted(seg, a).any() for a in changed):
+            return None  # a slice painted empty ends walks: leave that to a full run
+        painted = [a for a in ann if self._painted(seg, a).any()]
+        regions = set()
+        for c in changed:
+            below = [a for a in ann if a < c]
+            above = [a for a in ann if a > c]
+            regions.add((below[-1] if below else None, c))
+            regions.add((c, above[0] if above else None))
+        ends = [x for r in regions for x in r if x is not None]
+        if any(x not in painted for x in ends):
+            return None  # a slice named empty bounds the interval: its walks end differently
+        return sorted(regions, key=lambda r: -1 if r[0] is None else r[0])
+
     def _propagate_segment(
         self,
         seg: _Segment,
@@ -461,17 +567,16 @@ class OFLSegmenter:
         lo, hi = painted[0], painted[-1]
         self._features(list(range(lo, hi + 1)), progress)
         inner = hi - lo + 1 - len([a for a in ann if lo <= a <= hi])
-        # Beyond the outermost painted slices walk at most a fraction of the mean gap between
-        # painted slices: painting that dense says no more about the structure's ends.
-        if len(painted) > 1 and s.beyond_gap_fraction is not None:
-            gap = (hi - lo) / (len(painted) - 1)
-            max_beyond = max(s.beyond_min, int(np.ceil(s.beyond_gap_fraction * gap)))
-        else:
-            max_beyond = self._n_slices()
-        walk = _Walk(total=2 * inner + 2 * s.stop_after + 2, max_beyond=max_beyond)
+        walk = _Walk(total=2 * inner + 2 * s.stop_after + 2)
         fwd = self._walk(seg, lo, +1, hi, plane, walk, progress, cancel)
         bwd = self._walk(seg, hi, -1, lo, plane, walk, progress, cancel)
         run = _SegmentRun(updates=walk.updates)
+        self._blend(seg, fwd, bwd, run)
+        return run
+
+    def _blend(self, seg: _Segment, fwd: dict, bwd: dict, run: _SegmentRun) -> None:
+        """The two walks into ``run``: blended by distance where both reached a slice."""
+        ann = seg.tracker.view.annotated
         logits, conf = run.logits, run.confidence
         for t in set(fwd) | set(bwd):
             if t in fwd and t in bwd:  # between painted slices: blend by distance
@@ -483,7 +588,6 @@ class OFLSegmenter:
                 conf[t] = w * fwd[t][1] + (1 - w) * bwd[t][1]
             else:
                 logits[t], conf[t] = fwd[t] if t in fwd else bwd[t]
-        return run
 
     def _prior(self, seg: _Segment, t: int) -> np.ndarray | float:
         """Interpolation prior as logits: the model overrides it only where it is confident."""
@@ -503,9 +607,11 @@ class OFLSegmenter:
         walk: _Walk,
         progress: Progress | None,
         cancel: threading.Event | None,
+        until: int | None = None,
     ) -> dict[int, tuple[np.ndarray, float]]:
         """Walk from ``start`` in direction ``step``; inside the painted range up to ``inner_end``,
-        beyond it until the structure has been absent for ``stop_after`` slices."""
+        beyond it until the structure has been absent for ``stop_after`` slices (or up to
+        ``until``, exclusive)."""
         ann = set(seg.tracker.view.annotated)
         n = self._n_slices()
         out: dict[int, tuple[np.ndarray, float]] = {}
@@ -513,7 +619,7 @@ class OFLSegmenter:
         previous = self._slice(self._sparse, start) == seg.value
         seg.tracker.start(seg.learner, start, step)
         t = start + step
-        while 0 <= t < n:
+        while 0 <= t < n and t != until:
             beyond = (t - inner_end) * step > 0
             if t in ann:
                 if beyond:
@@ -523,9 +629,7 @@ class OFLSegmenter:
                 continue
             if beyond and not self.settings.extend:
                 break
-            if beyond and (
-                absent >= self.settings.stop_after or abs(t - inner_end) > walk.max_beyond
-            ):
+            if beyond and absent >= self.settings.stop_after:
                 break
             _check(cancel, "propagation was cancelled; nothing was written")
             full, pred = self._step(seg, t, step, beyond, previous, plane, walk)
@@ -599,50 +703,70 @@ class OFLSegmenter:
         walk.updates += 1
 
     # ---------------------------------------------------------------- learner files
-    def save_learner(self, path: str | Path) -> None:
-        """A learner file: tensors in .npz plus JSON metadata (no pickle)."""
-        path = Path(path)
-        arrays = {}
-        for v, seg in self._segments.items():
-            for k, t in seg.learner.state_dict().items():
-                arrays[f"seg{v}.{k}"] = t.detach().cpu().numpy()
-        meta = {
-            "format": LEARNER_FORMAT,
-            "backbone": self.backbone.name,
-            "weights": self.backbone.weights,
-            "image_size": self.backbone.input_size,
-            "segments": sorted(self._segments),
-            "window": list(self.window) if self.window else None,
-        }
-        arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)  # a handle: given a path, savez would append ".npz"
+    def save_learner(self, path: str | Path, meta: dict | None = None) -> None:
+        """The current learners as a learner file (no pickle, see :mod:`.learner_file`);
+        ``meta`` (:func:`.transfer.learner_meta`) says how to apply them to another volume."""
+        from . import learner_file
+        from .transfer import learner_meta
+
+        tensors = {v: seg.learner.state_dict() for v, seg in self._segments.items()}
+        if meta is None:
+            meta = learner_meta(self, {v: f"segment {v}" for v in tensors}, {}, {})
+        learner_file.save(learner_file.LearnerFile(tensors, meta), path)
 
     def load_learner_state(self, path: str | Path) -> dict:
-        try:
-            data = np.load(path, allow_pickle=False)
-            meta = json.loads(bytes(data["__meta__"]).decode())
-        except Exception as exc:  # noqa: BLE001
-            raise InputError(
-                f"{path} is not an oflsam2 learner file ({type(exc).__name__})"
-            ) from None
-        if meta.get("format") != LEARNER_FORMAT:
-            raise InputError(
-                f"{path} is not an oflsam2 learner file (format {meta.get('format')!r})"
-            )
-        for v in meta["segments"]:
-            learner = Learner(self.backbone.embed_shape[0])
-            sd = {
-                k.split(".", 1)[1]: torch.from_numpy(data[k])
-                for k in data.files
-                if k.startswith(f"seg{v}.")
-            }
-            learner.load_state_dict(sd, strict=True)
-            learner.to(self.backbone.device).eval()
-            self._segments[v] = _Segment(
-                v, learner, torch.optim.Adam(learner.parameters(), lr=self.settings.learning_rate)
-            )
-        return meta
+        """A learner file made for this backbone warm-starts the next fit of this volume
+        (:meth:`warm_start`); returns the file's metadata."""
+        from . import learner_file
+        from .transfer import learners_from, model_name, window_for
+
+        if self._array is None:
+            raise InputError("set_volume() first: the learner's window depends on the volume")
+        lf = learner_file.load(path)
+        learner_file.check_backbone(lf, self.backbone.name, model_name(self.settings), path)
+        window = window_for(lf, self._array, self.modality)
+        self.warm_start(learners_from(lf, self.backbone), lf.axis, window)
+        return lf.meta
+
+    def warm_start(
+        self, learners: dict[int, Learner], axis: int, window: tuple[float, float]
+    ) -> None:
+        """Learners trained elsewhere become this volume's, warm for the next :meth:`fit`
+        (on painted slices or on seeds), with the window and slice axis they were trained
+        with and the whole slice as the crop: a crop that depends on painting would change
+        the features they were trained on. Re-seeds, so a volume's result does not depend
+        on what the segmenter did before."""
+        if self._array is None:
+            raise InputError("set_volume() first")
+        roi = compute_roi(np.zeros(np.delete(self._array.shape, axis), bool), "none")
+        key = (axis, roi, (float(window[0]), float(window[1])))
+        if key != self._cache_key:
+            self._cache.clear()
+        self._cache_key, self.roi, self.window = key, roi, key[2]
+        self.annotation = vol.Annotation(axis, [], {})  # until fit(): the axis to read slices
+        lr = self.settings.learning_rate
+        self._segments = {
+            v: _Segment(v, m.to(self.backbone.device), torch.optim.Adam(m.parameters(), lr=lr))
+            for v, m in learners.items()
+        }
+        self._seed(self.settings.seed)
+
+    def encode(self, slices: list[int], progress: Progress | None = None) -> None:
+        """Encode ``slices`` along the axis now (cached; see :meth:`features`)."""
+        self._features(list(slices), progress)
+
+    def features(self, t: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Slice ``t``'s features (encoded first if needed), float32 on the backbone's device."""
+        self._features([t])
+        return self._get(t)
+
+    def to_slice(self, logits: torch.Tensor, plane: tuple[int, int]) -> np.ndarray:
+        """Decoder logits (L, L) of the crop -> logits on the whole slice of shape ``plane``."""
+        return self._to_slice(logits, plane)
+
+    def anchors(self, value: int) -> list[Sample]:
+        """The training samples the last fit made of segment ``value``'s annotated slices."""
+        return list(self._segments[value].anchors)
 
 
 def _sample(f, p, hires, target, box) -> Sample:

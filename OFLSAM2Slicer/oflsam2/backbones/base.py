@@ -116,6 +116,8 @@ class SegmentView(Protocol):
 
     def distance(self, t: int) -> np.ndarray:  # signed distance behind ``interpolated``
         ...
+    def prior(self, t: int, size: int) -> torch.Tensor:  # ``interpolated`` as mask-prompt logits
+        ...
 
 
 class Tracker:

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from ..errors import WeightsError, first_line
 from .base import (
-    ABSENT_LOGIT,
     NOT_DECODED_LOGIT,
     Backbone,
     Decoded,
@@ -209,36 +208,18 @@ class BoxTracker(Tracker):
     """Propagation for a model with no memory attention: its "memory" is the box prompt.
 
     Between painted slices the box of the shape interpolated from the two neighbouring painted
-    slices (the prior); beyond them the previous slice's box while the image says the structure
-    is still there (``Settings.stop_rule``).
+    slices (the prior), grown to the learned head's region that touches it; beyond them the head's
+    region that continues the previous slice, until there is none (``Settings.evidence_*``).
     """
 
     def __init__(self, backbone: Backbone, settings: Settings, view: SegmentView) -> None:
         super().__init__(backbone, settings, view)
         self.prior = settings.prior or backbone.default_prior
-        self._area = 0.0  # mean coarse-head area on the painted slices
-        self._support = 0.0  # mean coarse-head probability inside the painted masks
 
     def training_box(self, mask2d: np.ndarray) -> tuple[bool, torch.Tensor | None]:
         box = self.view.box(mask2d)
         # A box-prompted model cannot learn "absent" through its decoder.
         return box is not None, box
-
-    def start(self, learner: Learner, start: int, step: int) -> None:
-        """Yardsticks from the painted slices, with the learner as this walk starts."""
-        areas, support = [], []
-        with torch.no_grad():
-            for a in self.view.annotated:
-                mask = self.view.painted(a)
-                if not np.any(mask):
-                    continue
-                f, _ = self.view.features(a)
-                _, coarse = learner.mapping(f)
-                areas.append(float((coarse > 0).sum()))
-                weight = self.view.target(mask, coarse.shape[-1])[0]
-                support.append(_support(coarse[0, 0], weight))
-        self._area = float(np.mean(areas)) if areas else 0.0
-        self._support = float(np.mean(support)) if support else 0.0
 
     def step(
         self,
@@ -251,48 +232,82 @@ class BoxTracker(Tracker):
     ) -> Prediction:
         with torch.no_grad():
             fused, coarse = learner(f, f)
-            box = self._box(t, beyond, previous, coarse)
+            if beyond:
+                box, evidence = self._continued(previous, coarse)
+            else:
+                box, evidence = self._inside_box(t, previous, coarse), 0.0
             if box is None:
-                return self._absent(f)
+                # Sure of the end where nothing continues, unsure just under the threshold.
+                sure = 1.0 - evidence / max(self.settings.evidence_fraction, 1e-6)
+                return self._absent(f, float(np.clip(sure, 0.0, 1.0)))
             dec = self.backbone.decode(fused, hires, boxes=box[None].to(self.backbone.device))
-        pred = self._finish(dec, f, box)
-        if beyond and pred.present and self.settings.stop_rule == "support":
-            # The learned head's agreement with the decoded mask, against the same on the painted
-            # slices: LiteMedSAM fills any box it is given, the head knows what the structure
-            # looks like.
-            mask = (pred.logits > 0).float()[None, None]
-            weight = torch.nn.functional.adaptive_avg_pool2d(mask, coarse.shape[-2:])[0, 0]
-            if (
-                _support(coarse[0, 0].cpu(), weight)
-                < self.settings.support_fraction * self._support
-            ):
-                pred.present = False
-                pred.logits = torch.minimum(pred.logits, torch.tensor(ABSENT_LOGIT))
-        return pred
+        return self._finish(dec, f, box)
 
-    def _absent(self, f: torch.Tensor) -> Prediction:
-        size = self.backbone.mask_size
-        return Prediction(torch.full((size, size), NOT_DECODED_LOGIT), 1.0, False, f, None, None)
+    def _continued(
+        self, previous: np.ndarray | None, coarse: torch.Tensor
+    ) -> tuple[torch.Tensor | None, float]:
+        """Beyond the painted range: the box of the head's region continuing the previous mask
+        (None where it covers under ``evidence_fraction`` of it: the structure has ended), and
+        that coverage."""
+        if previous is None or not previous.any():
+            return None, 0.0
+        box, cover = self._region(previous, coarse, self.settings.evidence_grow)
+        if cover < self.settings.evidence_fraction:
+            return None, cover
+        return box, cover
 
-    def _box(
-        self, t: int, beyond: bool, previous: np.ndarray | None, coarse: torch.Tensor
+    def _inside_box(
+        self, t: int, previous: np.ndarray | None, coarse: torch.Tensor
     ) -> torch.Tensor | None:
-        if not beyond and self.prior == "interp":
-            box = self.view.box(self.view.interpolated(t))
+        if self.prior == "interp":
+            shape = self.view.interpolated(t)
+            box = self.view.box(shape)
+            if box is not None and self.settings.inside == "evidence":
+                # A painted slice's neighbours may outgrow the interpolation, as far as a walk
+                # from it could have grown.
+                gap = min(abs(t - a) for a in self.view.annotated)
+                grown, _ = self._region(shape, coarse, self.settings.evidence_grow * gap)
+                if grown is not None:
+                    box = torch.cat(
+                        [torch.minimum(box[:2], grown[:2]), torch.maximum(box[2:], grown[2:])]
+                    )
             if box is not None:
                 return box
-        if beyond and self.settings.stop_rule == "area" and self._area > 0:
-            coarse_area = int((coarse[0, 0] > 0).sum())
-            if coarse_area < self.settings.presence_fraction * self._area:
-                return None  # the learned coarse head says the structure ends here
         if previous is not None and previous.any():
             return self.view.box(previous)
         return None
 
+    def _region(
+        self, reference: np.ndarray, coarse: torch.Tensor, grow: int
+    ) -> tuple[torch.Tensor | None, float]:
+        """Box of the head's foreground components touching ``reference`` (a full-slice mask),
+        within ``grow`` cells of it, and that region's area over the reference's."""
+        from scipy import ndimage
 
-def _support(coarse_logits: torch.Tensor, weight: torch.Tensor) -> float:
-    """Mean probability of the coarse head over a (soft) mask."""
-    total = float(weight.sum())
-    if total <= 0:
-        return 0.0
-    return float((torch.sigmoid(coarse_logits.float()) * weight).sum()) / total
+        size = coarse.shape[-1]
+        ref = self.view.target(reference, size)[0].numpy() > 0
+        if not ref.any():
+            return None, 0.0
+        fg = (coarse[0, 0] > 0).cpu().numpy()
+        labels, _ = ndimage.label(fg)
+        near = ndimage.binary_dilation(ref, iterations=1)
+        touching = np.unique(labels[near & fg])
+        region = np.isin(labels, touching[touching > 0])
+        if grow > 0:
+            region &= ndimage.binary_dilation(ref, iterations=grow)
+        if not region.any():
+            return None, 0.0
+        return _grid_box(region, self.backbone.input_size), float(region.sum() / ref.sum())
+
+    def _absent(self, f: torch.Tensor, confidence: float) -> Prediction:
+        size = self.backbone.mask_size
+        logits = torch.full((size, size), NOT_DECODED_LOGIT)
+        return Prediction(logits, confidence, False, f, None, None)
+
+
+def _grid_box(cells: np.ndarray, input_size: int) -> torch.Tensor:
+    """xyxy input-pixel box around the True cells of a coarse-grid mask."""
+    rows, cols = np.nonzero(cells)
+    scale = input_size / cells.shape[-1]
+    box = [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
+    return torch.tensor(np.asarray(box, dtype=float) * scale, dtype=torch.float32)

@@ -282,10 +282,15 @@ class SAM2Tracker(Tracker):
         beyond: bool,
         previous: np.ndarray | None,
     ) -> Prediction:
+        prompt = None
+        if not beyond and (self.settings.prior or self.backbone.default_prior) == "interp":
+            # Between painted slices the interpolated shape is a dense mask prompt.
+            size = 4 * self.backbone.embed_shape[-1]
+            prompt = self.view.prior(t, size).to(self.backbone.device)
         with torch.no_grad():
             p = self.backbone.memory_features(f, t, self._bank, self.view.n_slices, self._step < 0)
             fused, _ = learner(f, p)
-            dec = self.backbone.decode(fused, hires)
+            dec = self.backbone.decode(fused, hires, mask_prompt=prompt)
         # Random weights say "no object" everywhere: presence then comes from the mask alone.
         sure = self.backbone.random_weights or float(dec.object_score[0]) > 0
         return self._finish(dec, p, None, sure)
