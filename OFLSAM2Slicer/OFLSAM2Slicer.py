@@ -88,6 +88,7 @@ if SUPPORTED:
         taskError,
         waitWithEvents,
     )
+    from oflsam2_slicer.learners import LEARNER_FILTER
     from oflsam2_slicer.mrmlio import LABELMAP_SUFFIXES
 
     LogicBase = OFLSAM2Logic
@@ -196,6 +197,8 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
+        self.ui.saveLearnerButton.connect("clicked(bool)", self.onSaveLearner)
+        self.ui.applyLearnerButton.connect("clicked(bool)", self.onApplyLearner)
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
         self.ui.importWeightsButton.connect("clicked(bool)", self.onImportWeights)
         self.ui.nextSliceButton.connect("clicked(bool)", self.onNextSlice)
@@ -310,7 +313,11 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._parameterNode
         running = self._runner.running
         canUndo = bool(node) and self.logic.canUndo(node.segmentation)
-        applyPanelState(self.ui, panelState(node, running, canUndo, self._nextSlice is not None))
+        state = panelState(node, running, canUndo, self._nextSlice is not None)
+        applyPanelState(self.ui, state)
+        # a learner needs what an export needs: the volume and the segmentation, nothing running
+        self.ui.saveLearnerButton.enabled = state.export
+        self.ui.applyLearnerButton.enabled = state.export
         if not running:
             self.ui.progressBar.setVisible(False)
 
@@ -525,6 +532,68 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = _("Exported to {path}").format(path=written)
             except OFLSAM2UserError as exc:
                 self._showUserError(exc)
+
+    # ------------------------------------------------------------ learners
+
+    def onSaveLearner(self) -> None:
+        node = self._parameterNode
+        path = qt.QFileDialog.getSaveFileName(
+            slicer.util.mainWindow(),
+            _("Save learner"),
+            os.path.join(slicer.app.defaultScenePath, f"{node.segmentation.GetName()}.oflsam2"),
+            LEARNER_FILTER,
+        )
+        if not path:
+            return
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Saving the learner failed."), waitCursor=True):
+                try:
+                    ids = self.logic.defaultSegmentIds(node.segmentation, node.allVisibleSegments)
+                    if not node.allVisibleSegments and node.segmentId:
+                        ids = [node.segmentId]
+                    settings = self._options().settings
+                    written = self.logic.saveLearner(
+                        node.inputVolume, node.segmentation, path, ids, settings=settings
+                    )
+                    self.ui.statusLabel.text = _("Saved the learner to {path}").format(path=written)
+                except OFLSAM2UserError as exc:
+                    self._showUserError(exc)
+        finally:
+            self._updateButtons()
+
+    def onApplyLearner(self) -> None:
+        node = self._parameterNode
+        path = qt.QFileDialog.getOpenFileName(
+            slicer.util.mainWindow(),
+            _("Apply learner"),
+            slicer.app.defaultScenePath,
+            LEARNER_FILTER,
+        )
+        if not path:
+            return
+        try:
+            with slicer.util.tryWithErrorDisplay(
+                _("Applying the learner failed."), waitCursor=True
+            ):
+                try:
+                    result = self.logic.applyLearner(
+                        node.inputVolume,
+                        node.segmentation,
+                        path,
+                        beforeWrite=lambda: self._saveSegmentEditorState(node.segmentation),
+                        settings=self._options().settings,
+                    )
+                    self._showReview(None)
+                    self.ui.statusLabel.text = _(
+                        "Applied the learner: {found} segment(s) written, {missing} not found."
+                    ).format(
+                        found=len(result.segmentIds) - len(result.missing),
+                        missing=len(result.missing),
+                    )
+                except OFLSAM2UserError as exc:
+                    self._showUserError(exc)
+        finally:
+            self._updateButtons()
 
     # ------------------------------------------------------------ weights
 

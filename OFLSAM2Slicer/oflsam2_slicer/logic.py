@@ -26,7 +26,7 @@ import slicer
 
 from oflsam2.settings import Settings
 
-from . import dependencies, mrmlio, planning
+from . import dependencies, learners, mrmlio, planning
 from .errors import OFLSAM2UserError, userErrors
 from .job import Plan, PropagationJob, PropagationResult, SegmenterFactory
 from .options import PropagationOptions
@@ -201,6 +201,56 @@ class OFLSAM2Logic:
         job = self.startPropagation(volumeNode, segmentationNode, segmentIds, built, allVisible)
         job.wait()
         return self.finishPropagation(job, beforeWrite)
+
+    # ------------------------------------------------------------ learners
+
+    def _idle(self) -> None:
+        active = self.store.active
+        if active is not None and not active.poll().finished:
+            raise OFLSAM2UserError("A propagation is running: wait for it or cancel it")
+
+    def saveLearner(
+        self,
+        volumeNode: slicer.vtkMRMLScalarVolumeNode | None,
+        segmentationNode: slicer.vtkMRMLSegmentationNode | None,
+        path: str,
+        segmentIds: Iterable[str] | None = None,
+        progress: Callable[[Any], None] | None = None,
+        **options: Any,
+    ) -> str:
+        """Train a learner on the chosen segments as they are now and save it to ``path``
+        (see :mod:`.learners`); ``options`` as for :meth:`propagate`."""
+        self._idle()
+        with userErrors():
+            built = PropagationOptions.build(**options)
+        ids = list(segmentIds) if segmentIds else None
+        return learners.saveLearner(
+            volumeNode, segmentationNode, ids, path, built.settings, progress
+        )
+
+    def applyLearner(
+        self,
+        volumeNode: slicer.vtkMRMLScalarVolumeNode | None,
+        segmentationNode: slicer.vtkMRMLSegmentationNode | None,
+        path: str,
+        progress: Callable[[Any], None] | None = None,
+        beforeWrite: Callable[[], None] | None = None,
+        **options: Any,
+    ) -> learners.AppliedLearner:
+        """Segment ``volumeNode`` with a learner file, no painted slice needed; the learner's
+        segments (by name) are written undoably (:meth:`undo`)."""
+        self._idle()
+        with userErrors():
+            built = PropagationOptions.build(**options)
+        return learners.applyLearner(
+            volumeNode,
+            segmentationNode,
+            path,
+            lambda: self.store.history(segmentationNode),
+            built.settings,
+            progress,
+            beforeWrite,
+        )
 
     # ------------------------------------------------------------ guidance
 
