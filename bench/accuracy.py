@@ -15,11 +15,15 @@ Metrics, per case:
 Methods: ``fill_between_slices`` (Slicer's "Fill between slices", ITK in a child process),
 ``nearest_slice`` (every slice copies the nearest painted one), ``litemedsam_box`` (LiteMedSAM box
 prompts walked slice to slice, ``bench/baselines_litemedsam.py``), and engine variants, each
-over the seeds given (``--seeds``): ``oflsam2`` (LiteMedSAM backbone, the defaults), and the
-ablation ``box_only`` (interpolated-shape box between painted slices, untrained learner, no walk
-beyond), ``learner`` (+ the trained learner), ``presence`` (+ the walk beyond the painted range
-with its stop signal), ``oflsam2`` (+ online learning). Engine variants of one painting share one
-segmenter's encoded slices (``OFLSegmenter.reset``): each is exactly what a fresh run gives.
+over the seeds given (``--seeds``), in ablation order: ``box_only`` (LiteMedSAM prompted with the
+box of the shape interpolated between the painted slices, untrained learner, no walk beyond),
+``learner`` (+ the trained learner: its coarse head grows that box where the image says the
+structure is larger), ``oflsam2`` (+ the walk beyond the painted range, stopped where the head's
+region stops continuing the previous slice: the defaults), ``online`` (+ online learning).
+Engine variants of one painting share one segmenter's encoded slices (``OFLSegmenter.reset``),
+and variants that differ only in propagation settings share one fit (``OFLSegmenter.retune``,
+online learning off): each row is exactly what a fresh run gives. ``--workers N`` runs
+paintings in N processes.
 
 Reported: mean Dice on unpainted slices per (pattern, K) for every method; engine rows as mean
 ± sd over seeds (of the per-seed means); mean ``fp_beyond`` for the ends pattern; a per-case CSV.
@@ -298,6 +302,52 @@ def table(rows: list[Row], methods: list[str], patterns, ks) -> list[str]:
     return lines
 
 
+def targets(rows: list[Row], patterns, ks, engine: str = "oflsam2") -> list[str]:
+    """Issue 10's targets: the engine's mean >= 1.05 x the best baseline per (pattern, K); at
+    K = 5 no structure more than 0.05 under Fill between slices; ends: fp_beyond <= 2 %."""
+    lines = ["| pattern | K | best baseline | target (x 1.05) | " + engine + " | met |"]
+    lines.append("|---|---|---|---|---|---|")
+    for pattern in patterns:
+        for k in ks:
+            sel = [r for r in rows if r.pattern == pattern and r.k == k]
+            ours = [r.dice_unpainted for r in sel if r.method == engine]
+            base = {
+                m: np.mean([r.dice_unpainted for r in sel if r.method == m])
+                for m in BASELINES
+                if any(r.method == m for r in sel)
+            }
+            if not ours or not base:
+                continue
+            best = max(base, key=base.get)
+            goal, mean = 1.05 * base[best], float(np.mean(ours))
+            lines.append(
+                f"| {pattern} | {k} | {base[best]:.3f} ({best}) | {goal:.3f} | {mean:.3f} | "
+                f"{'yes' if mean >= goal else 'no'} |"
+            )
+    worse = []
+    for r in rows:
+        if r.method == engine and r.k == 5:
+            fill = [x for x in rows if x.method == "fill_between_slices" and _same(x, r)]
+            if fill and r.dice_unpainted < fill[0].dice_unpainted - 0.05:
+                worse.append(
+                    f"{r.structure} {r.pattern} ({r.dice_unpainted:.3f} vs "
+                    f"{fill[0].dice_unpainted:.3f})"
+                )
+    lines.append("")
+    lines.append(f"K = 5, more than 0.05 under Fill between slices: {', '.join(worse) or 'none'}")
+    ends = [r.fp_beyond for r in rows if r.method == engine and r.pattern == "ends"]
+    if ends:
+        lines.append(
+            f"ends: voxels added beyond the painted ends: {100 * np.mean(ends):.2f} % of "
+            "the structure on average (target <= 2 %)"
+        )
+    return lines
+
+
+def _same(a: Row, b: Row) -> bool:
+    return (a.structure, a.pattern, a.k) == (b.structure, b.pattern, b.k)
+
+
 def _cell(rows: list[Row], metric: str) -> str:
     if not rows:
         return "n/a"
@@ -375,6 +425,9 @@ def report(rows: list[Row], patterns, ks) -> None:
     methods = list(dict.fromkeys(r.method for r in rows))
     print("Mean Dice on unpainted slices")
     print("\n".join(table(rows, methods, patterns, ks)))
+    if "oflsam2" in methods:
+        print("\nTargets")
+        print("\n".join(targets(rows, patterns, ks)))
     ends = [r for r in rows if r.pattern == "ends"]
     if ends:
         print("\nends pattern: false-positive voxels outside the painted range / structure volume")
