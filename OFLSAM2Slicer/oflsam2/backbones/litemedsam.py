@@ -273,9 +273,15 @@ class BoxTracker(Tracker):
                     )
             if box is not None:
                 return box
-        if previous is not None and previous.any():
-            return self.view.box(previous)
-        return None
+        if previous is None or not previous.any():
+            return None
+        if self.settings.inside == "evidence":
+            # No interpolated shape here (painted shapes that do not overlap, e.g. two tips):
+            # follow the head's region from the previous slice, as beyond the painted range.
+            grown, _ = self._region(previous, coarse, self.settings.evidence_grow)
+            if grown is not None:
+                return grown
+        return self.view.box(previous)
 
     def _region(
         self, reference: np.ndarray, coarse: torch.Tensor, grow: int
