@@ -41,6 +41,13 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         "they did not pay for their time)",
     )
     p.add_argument(
+        "--extend",
+        action=argparse.BooleanOptionalAction,
+        default=d.extend,
+        help="walk beyond the outermost painted slices while the image shows the structure "
+        "(--no-extend: fill only between them, when you painted its first and last slices)",
+    )
+    p.add_argument(
         "--gamma",
         type=float,
         default=d.gamma,
@@ -66,6 +73,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         device=args.device,
         image_size=args.image_size,
         online=args.online,
+        extend=args.extend,
         gamma=args.gamma,
         roi=args.roi,
         seed=args.seed,
