@@ -32,11 +32,8 @@ def lung(sample_ct, sample_labels):
 
 
 def _run(seg: OFLSegmenter, truth: np.ndarray, slices: list[int]) -> np.ndarray:
-    sparse = np.zeros(truth.shape, np.uint8)
-    sparse[slices] = truth[slices] * np.uint8(RIGHT_LUNG)
-    seg.reset()  # fresh learners, the encoded slices kept
-    seg.fit(sparse, slices=slices, axis=AXIS)
-    return seg.propagate().labels == RIGHT_LUNG
+    seg.reset(Settings(device="cpu", seed=0))  # fresh learners, the encoded slices kept
+    return _fit_propagate(seg, truth, slices).labels == RIGHT_LUNG
 
 
 def test_three_neighbouring_slices_reach_both_ends_of_the_lung(lung):

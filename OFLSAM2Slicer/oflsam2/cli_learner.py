@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .cli_progress import ProgressBars
-from .cli_segment import check_weights_options, report_json
+from .cli_segment import check_weights_options, model_settings, report_json
 from .errors import InputError, check_interrupted
 from .files import check_writable, same_file, write_atomic
 from .settings import BACKBONES, DEFAULTS, DEVICES, IMAGE_SIZES, Settings
@@ -107,15 +107,7 @@ def _check_train(args: argparse.Namespace) -> tuple[Path, Path | None, Settings]
         [("--image", p) for p in args.image] + [("--labels", p) for p in args.labels],
     )
     check_weights_options(args)
-    settings = Settings(
-        backbone=args.backbone,
-        model=args.model or DEFAULTS.model,
-        checkpoint=args.checkpoint,
-        random_init=args.random_init,
-        device=args.device,
-        image_size=args.image_size,
-        seed=args.seed,
-    )
+    settings = model_settings(args)
     return out, report, settings
 
 

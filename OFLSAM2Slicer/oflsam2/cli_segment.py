@@ -64,7 +64,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
+def model_settings(args: argparse.Namespace, **more) -> Settings:
+    """Settings from the options every engine command shares (which model, where, seed)."""
     return Settings(
         backbone=args.backbone,
         model=args.model or DEFAULTS.model,
@@ -72,11 +73,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         random_init=args.random_init,
         device=args.device,
         image_size=args.image_size,
+        seed=args.seed,
+        **more,
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return model_settings(
+        args,
         online=args.online,
         extend=args.extend,
         gamma=args.gamma,
         roi=args.roi,
-        seed=args.seed,
         fit_steps=args.fit_steps,
     )
 
