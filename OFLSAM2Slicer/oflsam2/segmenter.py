@@ -426,7 +426,8 @@ class OFLSegmenter:
         for value, run in runs.items():  # kept only once every segment has finished
             seg = self._segments[value]
             seg.last = run
-            seg.last_painted = {a: self._painted(seg, a) for a in seg.tracker.view.annotated}
+            view = seg.tracker.view
+            seg.last_painted = {a: view.painted(a) for a in view.annotated}
             updates += run.updates
             probs[value] = run.logits
             predicted[value] = sorted(run.logits)
@@ -481,9 +482,6 @@ class OFLSegmenter:
         idx[self.annotation.axis] = t
         labels[tuple(idx)] = plane
 
-    def _painted(self, seg: _Segment, a: int) -> np.ndarray:
-        return self._slice(self._sparse, a) == seg.value
-
     def _propagate_local(
         self,
         seg: _Segment,
@@ -533,16 +531,16 @@ class OFLSegmenter:
         change; None when a full run is needed (no last run, a slice removed, an empty one)."""
         if seg.last is None:
             return None
-        ann = seg.tracker.view.annotated
+        view = seg.tracker.view
+        ann = view.annotated
         old = seg.last_painted
         if set(old) - set(ann):
             return None  # an unpainted slice: its neighbours' interval spans old results
-        changed = [
-            a for a in ann if a not in old or not np.array_equal(old[a], self._painted(seg, a))
-        ]
-        if any(not self._painted(seg, a).any() for a in changed):
+        now = {a: view.painted(a) for a in ann}
+        changed = [a for a in ann if a not in old or not np.array_equal(old[a], now[a])]
+        if any(not now[a].any() for a in changed):
             return None  # a slice painted empty ends walks: leave that to a full run
-        painted = [a for a in ann if self._painted(seg, a).any()]
+        painted = [a for a in ann if now[a].any()]
         regions = set()
         for c in changed:
             below = [a for a in ann if a < c]
