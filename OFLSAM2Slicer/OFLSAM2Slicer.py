@@ -537,6 +537,8 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSaveLearner(self) -> None:
         node = self._parameterNode
+        if self._runner.running:
+            return
         path = qt.QFileDialog.getSaveFileName(
             slicer.util.mainWindow(),
             _("Save learner"),
@@ -545,24 +547,24 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         if not path:
             return
-        try:
-            with slicer.util.tryWithErrorDisplay(_("Saving the learner failed."), waitCursor=True):
-                try:
-                    ids = self.logic.defaultSegmentIds(node.segmentation, node.allVisibleSegments)
-                    if not node.allVisibleSegments and node.segmentId:
-                        ids = [node.segmentId]
-                    settings = self._options().settings
-                    written = self.logic.saveLearner(
-                        node.inputVolume, node.segmentation, path, ids, settings=settings
-                    )
-                    self.ui.statusLabel.text = _("Saved the learner to {path}").format(path=written)
-                except OFLSAM2UserError as exc:
-                    self._showUserError(exc)
-        finally:
-            self._updateButtons()
+
+        def start():
+            ids = self.logic.defaultSegmentIds(node.segmentation, node.allVisibleSegments)
+            if not node.allVisibleSegments and node.segmentId:
+                ids = [node.segmentId]
+            return self.logic.startSaveLearner(
+                node.inputVolume, node.segmentation, path, ids, settings=self._options().settings
+            )
+
+        def finish(job) -> str:
+            return _("Saved the learner to {path}").format(path=self.logic.finishSaveLearner(job))
+
+        self._runLearnerJob(_("Saving the learner"), start, finish)
 
     def onApplyLearner(self) -> None:
         node = self._parameterNode
+        if self._runner.running:
+            return
         path = qt.QFileDialog.getOpenFileName(
             slicer.util.mainWindow(),
             _("Apply learner"),
@@ -571,29 +573,53 @@ class OFLSAM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         if not path:
             return
-        try:
-            with slicer.util.tryWithErrorDisplay(
-                _("Applying the learner failed."), waitCursor=True
-            ):
+
+        def start():
+            return self.logic.startApplyLearner(
+                node.inputVolume, node.segmentation, path, settings=self._options().settings
+            )
+
+        def finish(job) -> str:
+            result = self.logic.finishApplyLearner(
+                job, beforeWrite=lambda: self._saveSegmentEditorState(node.segmentation)
+            )
+            self._showReview(None)
+            return _(
+                "Applied the learner: {found} segment(s) written, {missing} not found."
+            ).format(
+                found=len(result.segmentIds) - len(result.missing), missing=len(result.missing)
+            )
+
+        self._runLearnerJob(_("Applying the learner"), start, finish)
+
+    def _runLearnerJob(self, what: str, start, finish) -> None:
+        """A learner job like a propagation: in the background, progress and Cancel live."""
+
+        def started():
+            job = None
+            with slicer.util.tryWithErrorDisplay(_("{what} could not start.").format(what=what)):
                 try:
-                    result = self.logic.applyLearner(
-                        node.inputVolume,
-                        node.segmentation,
-                        path,
-                        beforeWrite=lambda: self._saveSegmentEditorState(node.segmentation),
-                        settings=self._options().settings,
-                    )
-                    self._showReview(None)
-                    self.ui.statusLabel.text = _(
-                        "Applied the learner: {found} segment(s) written, {missing} not found."
-                    ).format(
-                        found=len(result.segmentIds) - len(result.missing),
-                        missing=len(result.missing),
-                    )
+                    job = start()
                 except OFLSAM2UserError as exc:
                     self._showUserError(exc)
-        finally:
-            self._updateButtons()
+            if job is not None:
+                self.ui.progressBar.maximum = 0
+                self.ui.progressBar.setVisible(True)
+                self.ui.statusLabel.text = _("{what}...").format(what=what)
+            return job
+
+        def finished(job) -> None:
+            self.ui.progressBar.setVisible(False)
+            with slicer.util.tryWithErrorDisplay(_("{what} failed.").format(what=what)):
+                try:
+                    self.ui.statusLabel.text = finish(job)
+                except TaskCancelled as exc:
+                    self.ui.statusLabel.text = str(exc)
+                except OFLSAM2UserError as exc:
+                    self.ui.statusLabel.text = str(exc)
+                    self._showUserError(exc)
+
+        self._runner.run(started, finished, self._showProgress)
 
     # ------------------------------------------------------------ weights
 

@@ -84,3 +84,59 @@ def test_bad_learner_files_are_one_line_user_errors(scene, tmp_path):
     with pytest.raises(OFLSAM2UserError, match="No input volume"):
         logic.applyLearner(None, segmentation, str(evil))
     assert segment_ids(segmentation) == []
+
+
+@pytest.mark.engine
+def test_apply_learner_runs_in_the_background_and_a_cancel_writes_nothing(scene):
+    """The GUI thread is free while a learner job runs; nothing else may start; cancelled, no
+    segment is added or changed."""
+    import threading
+
+    from oflsam2.segmenter import OFLSegmenter
+    from oflsam2_slicer import TaskCancelled
+
+    node = load_volume(scene.scene, folder() / "b.nrrd", "B3")
+    segmentation = scene.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "S3")
+    segmentation.CreateDefaultDisplayNodes()
+    gate = threading.Event()
+
+    def gated(settings):
+        assert gate.wait(60), "the test never opened the gate"
+        return OFLSegmenter(settings)
+
+    logic = OFLSAM2Logic(gated)
+    job = logic.startApplyLearner(node, segmentation, str(learner_path()))
+    assert job.poll().state == "running"  # waiting at the gate, on its own thread
+    with pytest.raises(OFLSAM2UserError, match="A learner task is already running"):
+        logic.startApplyLearner(node, segmentation, str(learner_path()))
+    with pytest.raises(OFLSAM2UserError, match="A learner task is already running"):
+        logic.startPropagation(node, segmentation, [])
+    job.cancel()
+    gate.set()
+    assert job.wait(120).finished
+    with pytest.raises(TaskCancelled, match="nothing was written"):
+        logic.finishApplyLearner(job)
+    assert segment_ids(segmentation) == []
+    assert logic.store.active is None
+    assert not logic.canUndo(segmentation)
+
+
+@pytest.mark.engine
+def test_a_cancelled_save_learner_writes_no_file(scene, tmp_path):
+    from oflsam2_slicer import TaskCancelled
+
+    node = load_volume(scene.scene, folder() / "a.nrrd", "A4")
+    segmentation = scene.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "S4")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(node)
+    sid = segmentation.GetSegmentation().AddEmptySegment("", "liver", [0.8, 0.4, 0.2])
+    _, truth = volume("a")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(truth, segmentation, sid, node)
+    path = tmp_path / "liver.oflsam2"
+    logic = OFLSAM2Logic()
+    job = logic.startSaveLearner(node, segmentation, str(path), [sid], fit_steps=3)
+    job.cancel()
+    assert job.wait(300).finished
+    with pytest.raises(TaskCancelled, match="nothing was written"):
+        logic.finishSaveLearner(job)
+    assert not path.exists() and not list(tmp_path.iterdir())

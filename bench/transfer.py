@@ -12,7 +12,7 @@ of the target itself (``bench/cases.py``'s ``even`` pattern, default settings), 
 reads "the learner is worth about K painted slices". Dice is over the whole volume.
 
 Usage: ``python bench/transfer.py [--cases sarcoma,chest] [--threads N] [--device cpu]
-[--csv PATH]``. Runs from a fresh clone when ``../shared`` is present (the chest CT needs
+[--csv PATH] [--feature-cache DIR]``. Runs from a fresh clone when ``../shared`` is present (the chest CT needs
 only the ``slicerio`` wheel).
 """
 
@@ -36,25 +36,39 @@ DEFAULT_CSV = Path(__file__).resolve().parent / "results" / "transfer.csv"
 CHEST_LUNGS = ("right lung", "left lung")
 
 
-def _segment_from_painting(settings, volume: Volume, value: int, k: int) -> np.ndarray:
-    """The structure from K painted slices of the target (the engine's defaults)."""
-    from oflsam2.segmenter import OFLSegmenter
+def segmenter_class(store: Path | None):
+    """OFLSegmenter, or one keeping encoded slices in ``store`` (``accuracy.cached_segmenter``),
+    its cache keyed by the name of the volume set (registered in ``names``)."""
+    from accuracy import cached_segmenter
 
+    base = cached_segmenter(store)
+
+    class Named(base):
+        names: dict[int, str] = {}  # id(array) -> volume name
+
+        def set_volume(self, array, *args, **kwargs):
+            self.volume_name = self.names[id(array)]
+            return super().set_volume(array, *args, **kwargs)
+
+    return Named
+
+
+def _segment_from_painting(settings, volume: Volume, value: int, k: int, make) -> np.ndarray:
+    """The structure from K painted slices of the target (the engine's defaults)."""
     truth = volume.labels == value
     slices = paint_slices(truth, "even", k)
     sparse = np.zeros(truth.shape, np.uint8)
     sparse[slices] = truth[slices]
-    seg = OFLSegmenter(settings)
+    seg = make(settings)
     seg.set_volume(volume.array, volume.geometry, volume.modality)
     seg.fit(sparse, axis=AXIS)
     return seg.propagate().labels > 0
 
 
-def _apply(settings, lf, volume: Volume) -> tuple[np.ndarray, dict]:
-    from oflsam2.segmenter import OFLSegmenter
+def _apply(settings, lf, volume: Volume, make) -> tuple[np.ndarray, dict]:
     from oflsam2.transfer import apply_learner, settings_for
 
-    seg = OFLSegmenter(settings_for(lf, settings))
+    seg = make(settings_for(lf, settings))
     applied = apply_learner(seg, lf, volume.array, volume.geometry, volume.modality)
     return applied.result.labels, {"seeds": applied.seeds, "missing": applied.missing}
 
@@ -74,12 +88,13 @@ def _row(case, target, structure, trained_on, predicted, truth, refs, seconds, e
     }
 
 
-def sarcoma(settings) -> list[dict]:
+def sarcoma(settings, make) -> list[dict]:
     """Train on two dev sarcoma volumes, apply to the third; CT and MR apart."""
     from oflsam2.transfer import LabelledVolume, train_learner
 
     rows = []
     volumes = [v for v in load_dev() if "sarcoma" in v.name]
+    make.names.update({id(v.array): v.name for v in volumes})
     for modality in ("ct", "mr"):
         group = [v for v in volumes if v.name.startswith(modality)]
         for target in group:
@@ -89,10 +104,11 @@ def sarcoma(settings) -> list[dict]:
                 [LabelledVolume(v.name, v.array, v.labels, v.geometry, v.modality) for v in train],
                 settings,
                 {1: "sarcoma"},
+                segmenter=make(settings),
             )
-            labels, extra = _apply(settings, lf, target)
+            labels, extra = _apply(settings, lf, target, make)
             truth = target.labels == 1
-            refs = {k: _segment_from_painting(settings, target, 1, k) for k in (1, 3)}
+            refs = {k: _segment_from_painting(settings, target, 1, k, make) for k in (1, 3)}
             rows.append(
                 _row(
                     modality.upper(),
@@ -110,11 +126,12 @@ def sarcoma(settings) -> list[dict]:
     return rows
 
 
-def chest(settings) -> list[dict]:
+def chest(settings, make) -> list[dict]:
     """The chest CT's lungs: a learner from K = 3 painted slices, applied to the same CT."""
     from oflsam2.transfer import LabelledVolume, train_learner
 
     ct = load_ct()
+    make.names[id(ct.array)] = ct.name
     rows = []
     for value, name in ct.structures.items():
         if name.lower() not in CHEST_LUNGS:
@@ -127,9 +144,10 @@ def chest(settings) -> list[dict]:
             [LabelledVolume("ct_chest", ct.array, lab, ct.geometry, ct.modality, slices)],
             settings,
             {1: name},
+            segmenter=make(settings),
         )
-        labels, extra = _apply(settings, lf, ct)
-        refs = {k: _segment_from_painting(settings, ct, value, k) for k in (1, 3)}
+        labels, extra = _apply(settings, lf, ct, make)
+        refs = {k: _segment_from_painting(settings, ct, value, k, make) for k in (1, 3)}
         row = _row(
             "CT", "ct_chest", name, "ct_chest (K=3)", labels == 1, truth, refs,
             time.perf_counter() - t0, extra,
@@ -157,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", default=str(DEFAULT_CSV))
+    p.add_argument("--feature-cache", help="folder keeping encoded slices across runs")
     args = p.parse_args(argv)
     import torch
 
@@ -165,16 +184,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = DEFAULTS.replace(device=args.device, seed=args.seed)
+    make = segmenter_class(Path(args.feature_cache) if args.feature_cache else None)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     t0 = time.perf_counter()
     rows = []
     if "sarcoma" in cases:
-        found = sarcoma(settings)
+        found = sarcoma(settings, make)
         if not found:
             print("no sarcoma volumes in ../shared/data/dev: skipped", file=sys.stderr)
         rows += found
     if "chest" in cases:
-        rows += chest(settings)
+        rows += chest(settings, make)
     if rows:
         out = Path(args.csv)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,10 +5,15 @@ now (propagated and corrected), so what is saved is what the user accepted. Appl
 the current volume with a learner file: with nothing painted it finds the structure itself;
 segments the user did paint are the anchors. The result is written like a propagation's:
 only the learner's segments (found or made by name), undoably.
+
+Both run like a propagation: the scene is read on the main thread, the engine works on a
+background thread (:class:`LearnerJob`, waited for with the GUI alive), and only then is
+anything written (the file, or the segments, on the main thread).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +27,7 @@ from oflsam2.settings import DEFAULTS, Settings
 
 from . import mrmlio
 from .errors import OFLSAM2UserError, userErrors
+from .task import BackgroundTask, TaskStatus
 
 LEARNER_FILTER = "OFL-SAM2 learner (*.oflsam2);;All files (*)"
 
@@ -40,20 +46,51 @@ def _segmentColor(segmentation, sid: str) -> tuple[float, float, float]:
     return tuple(float(c) for c in segmentation.GetSegment(sid).GetColor())
 
 
-def saveLearner(
+class LearnerJob:
+    """Save learner… or Apply learner… in the background (the shape of a ``PropagationJob``,
+    so the logic releases it the same way); ``plan`` is what the main thread read."""
+
+    def __init__(self, work: Callable[[Progress, threading.Event], Any], plan: Any = None,
+                 names: dict[int, str] | None = None) -> None:  # fmt: skip
+        self.plan = plan
+        self.task = BackgroundTask(work, names=names)
+        self.finishedWriting = False
+
+    def start(self) -> None:
+        self.task.start()
+
+    def poll(self) -> TaskStatus:
+        return self.task.poll()
+
+    def cancel(self) -> None:
+        self.task.cancel()
+
+    def wait(self, timeout: float | None = None) -> TaskStatus:
+        return self.task.wait(timeout)
+
+    @property
+    def result(self) -> Any:
+        return self.task.result
+
+
+def _importEngine() -> None:
+    """Import torch and the engine on the main thread (never first in a worker thread)."""
+    with userErrors():
+        import oflsam2.segmenter  # noqa: F401
+        import oflsam2.transfer  # noqa: F401
+
+
+def startSave(
     volumeNode: slicer.vtkMRMLScalarVolumeNode | None,
     segmentationNode: slicer.vtkMRMLSegmentationNode | None,
     segmentIds: list[str] | None,
     path: str,
     settings: Settings = DEFAULTS,
-    progress: Progress | None = None,
-) -> str:
-    """Train a learner on the chosen segments of ``volumeNode`` and write it to ``path``
-    (``settings.fit_steps``: training steps, None for the engine's default)."""
-    from oflsam2 import learner_file
-    from oflsam2.segmenter import OFLSegmenter
-    from oflsam2.transfer import LabelledVolume, train_learner
-
+    factory: Callable[[Settings], Any] | None = None,
+) -> LearnerJob:
+    """Read the chosen segments of ``volumeNode`` now; train a learner on them and write it to
+    ``path`` in the background (``settings.fit_steps``: training steps, None for the default).
+    ``factory`` builds the engine (default ``OFLSegmenter``). The job's result is the path."""
     mrmlio.requireInputs(volumeNode, segmentationNode)
     if not path:
         raise OFLSAM2UserError("No file name: choose where to save the learner")
@@ -66,22 +103,41 @@ def saveLearner(
         labels[(masks[sid] > 0) & (labels == 0)] = value
         values[value] = sid
     segmentation = segmentationNode.GetSegmentation()
-    with userErrors():
-        lf = train_learner(
-            [LabelledVolume(volumeNode.GetName(), array, labels, geometry, None)],
-            settings,
-            {v: names[sid] for v, sid in values.items()},
-            {v: _segmentColor(segmentation, sid) for v, sid in values.items()},
-            steps=settings.fit_steps,
-            progress=progress,
-            segmenter=OFLSegmenter(settings.replace(roi="none")),
-        )
-        learner_file.save(lf, Path(path))
-    return str(path)
+    colors = {v: _segmentColor(segmentation, sid) for v, sid in values.items()}
+    labelNames = {v: names[sid] for v, sid in values.items()}
+    volumeName = volumeNode.GetName()
+    _importEngine()
+
+    def work(progress: Progress, cancel: threading.Event) -> str:
+        from oflsam2 import learner_file
+        from oflsam2.errors import Cancelled
+        from oflsam2.segmenter import OFLSegmenter
+        from oflsam2.transfer import LabelledVolume, train_learner
+
+        with userErrors():
+            lf = train_learner(
+                [LabelledVolume(volumeName, array, labels, geometry, None)],
+                settings,
+                labelNames,
+                colors,
+                steps=settings.fit_steps,
+                progress=progress,
+                cancel=cancel,
+                segmenter=(factory or OFLSegmenter)(settings.replace(roi="none")),
+            )
+            if cancel.is_set():  # a half-trained learner is never written
+                raise Cancelled("cancelled by the user")
+            learner_file.save(lf, Path(path))
+        return str(path)
+
+    job = LearnerJob(work, names=labelNames)
+    job.start()
+    return job
 
 
-def _segmentsFor(segmentationNode, lf) -> dict[int, str]:
-    """Label value -> segment ID: the segment of that name, or a new one with the file's colour."""
+def _segmentsFor(segmentationNode, lf, create: bool) -> dict[int, str | None]:
+    """Label value -> the segment of that name; a new one with the file's colour if ``create``
+    (else None: made only when the result is written, so a failed run adds nothing)."""
     segmentation = segmentationNode.GetSegmentation()
     byName = {}
     for i in range(segmentation.GetNumberOfSegments()):
@@ -91,63 +147,103 @@ def _segmentsFor(segmentationNode, lf) -> dict[int, str]:
     colors = lf.colors
     for value, name in lf.names.items():
         sid = byName.get(name)
-        if sid is None:
+        if sid is None and create:
             sid = segmentation.AddEmptySegment("", name, list(colors.get(value, (0.9, 0.6, 0.2))))
         out[value] = sid
     return out
 
 
-def applyLearner(
+@dataclass
+class ApplyPlan:
+    """What Apply learner… read from the scene on the main thread."""
+
+    volumeNode: Any
+    segmentationNode: Any
+    lf: Any  # oflsam2.learner_file.LearnerFile
+    segmentIds: dict[int, str | None]  # label value -> existing segment of that name, or None
+    before: dict[int, np.ndarray]  # label value -> its mask when read (zeros: no segment yet)
+
+
+def startApply(
     volumeNode: slicer.vtkMRMLScalarVolumeNode | None,
     segmentationNode: slicer.vtkMRMLSegmentationNode | None,
     path: str,
-    history: slicer.vtkSegmentationHistory | Callable[[], Any],
     settings: Settings = DEFAULTS,
-    progress: Progress | None = None,
-    beforeWrite: Callable[[], None] | None = None,
-    segmenter: Any = None,
-) -> AppliedLearner:
-    """Segment ``volumeNode`` with the learner file at ``path`` and write its segments undoably.
-
-    ``history`` is the segmentation's undo history (or a callable giving it once needed).
-    """
+    factory: Callable[[Settings], Any] | None = None,
+) -> LearnerJob:
+    """Check the learner file at ``path`` against ``volumeNode`` and read its segments now;
+    segment the volume in the background (the job's result is an ``oflsam2.transfer.Applied``;
+    write it with :func:`writeApplied` on the main thread)."""
     from oflsam2 import learner_file
-    from oflsam2.segmenter import OFLSegmenter
-    from oflsam2.transfer import apply_learner, check_modality, settings_for
 
     mrmlio.requireInputs(volumeNode, segmentationNode)
     with userErrors():
         lf = learner_file.load(path)
     array, geometry = mrmlio.volumeInput(volumeNode)
+    _importEngine()
+    from oflsam2.segmenter import OFLSegmenter
+    from oflsam2.transfer import apply_learner, check_modality, settings_for
+
     with userErrors():
         check_modality(lf, array, None, f"Volume '{volumeNode.GetName()}'")
-    ids = _segmentsFor(segmentationNode, lf)
-    before = {v: mrmlio.segmentMask(segmentationNode, sid, volumeNode) for v, sid in ids.items()}
+    ids = _segmentsFor(segmentationNode, lf, create=False)
+    before = {
+        v: mrmlio.segmentMask(segmentationNode, sid, volumeNode)
+        if sid is not None
+        else np.zeros(array.shape, np.uint8)
+        for v, sid in ids.items()
+    }
     painted = np.zeros(array.shape, np.uint8)
     for value, mask in before.items():
         painted[(mask > 0) & (painted == 0)] = value
-    with userErrors():
-        seg = segmenter or OFLSegmenter(settings_for(lf, settings))
-        applied = apply_learner(
-            seg, lf, array, geometry, None, painted if painted.any() else None, progress=progress
-        )
+    painted = painted if painted.any() else None
+
+    def work(progress: Progress, cancel: threading.Event):
+        with userErrors():
+            seg = (factory or OFLSegmenter)(settings_for(lf, settings))
+            return apply_learner(
+                seg, lf, array, geometry, None, painted, progress=progress, cancel=cancel
+            )
+
+    job = LearnerJob(work, ApplyPlan(volumeNode, segmentationNode, lf, ids, before), lf.names)
+    job.start()
+    return job
+
+
+def writeApplied(
+    plan: ApplyPlan,
+    applied: Any,
+    history: slicer.vtkSegmentationHistory | Callable[[], Any],
+    beforeWrite: Callable[[], None] | None = None,
+) -> AppliedLearner:
+    """Write an applied learner's segments undoably (main thread), if nothing changed meanwhile.
+
+    ``history`` is the segmentation's undo history (or a callable giving it once needed).
+    """
+    segNode, volumeNode = plan.segmentationNode, plan.volumeNode
+    existing = {sid: plan.lf.names[v] for v, sid in plan.segmentIds.items() if sid is not None}
+    originals = {sid: plan.before[v] for v, sid in plan.segmentIds.items() if sid is not None}
+    mrmlio.checkUnchanged(segNode, volumeNode, existing, originals)
+    ids = _segmentsFor(segNode, plan.lf, create=True)
+    for v, sid in ids.items():
+        if plan.segmentIds[v] is None and mrmlio.segmentMask(segNode, sid, volumeNode).any():
+            raise OFLSAM2UserError(
+                f"Segment '{plan.lf.names[v]}' was painted while applying the learner: nothing "
+                "was written; apply it again"
+            )
     labels = np.asarray(applied.result.labels)
-    changed = {}
-    for value, sid in ids.items():
-        mask = (labels == value).astype(np.uint8)
-        if not np.array_equal(mask, before[value]):
-            changed[sid] = mask
+    axis = applied.result.axis
+    masks = {v: (labels == v).astype(np.uint8) for v in ids}
+    changed = {ids[v]: m for v, m in masks.items() if not np.array_equal(m, plan.before[v])}
     if changed:
         undo = history() if callable(history) else history
-        mrmlio.writeSegments(segmentationNode, volumeNode, changed, undo, beforeWrite)
-    axis = applied.result.axis
+        mrmlio.writeSegments(segNode, volumeNode, changed, undo, beforeWrite)
+    others = tuple(a for a in range(3) if a != axis)
     return AppliedLearner(
         segmentIds=[ids[v] for v in sorted(ids)],
         seeds={ids[v]: t for v, t in applied.seeds.items()},
         missing=[ids[v] for v in applied.missing],
         slicesWritten={
-            sid: int(np.any(mask != before[v], axis=tuple(a for a in range(3) if a != axis)).sum())
-            for v, sid in ids.items()
-            for mask in [(labels == v).astype(np.uint8)]
-        },
+            ids[v]: int(np.any(m != plan.before[v], axis=others).sum()) for v, m in masks.items()
+        },  # fmt: skip
     )

@@ -122,9 +122,7 @@ class OFLSAM2Logic:
         panel) or ``job.wait()`` (scripts); when it has finished, call
         :meth:`finishPropagation` on the main thread to write the result.
         """
-        active = self.store.active
-        if active is not None and not active.poll().finished:
-            raise OFLSAM2UserError("A propagation is already running: wait for it or cancel it")
+        self._idle()
         if segmentIds is None and segmentationNode is not None and allVisible:
             segmentIds = self.defaultSegmentIds(segmentationNode, allVisible=True)
         plan = self._plan(volumeNode, segmentationNode, segmentIds, options or PropagationOptions())
@@ -205,52 +203,82 @@ class OFLSAM2Logic:
     # ------------------------------------------------------------ learners
 
     def _idle(self) -> None:
+        """One engine task at a time (a propagation, or a learner being saved or applied)."""
         active = self.store.active
         if active is not None and not active.poll().finished:
-            raise OFLSAM2UserError("A propagation is running: wait for it or cancel it")
+            what = "A propagation" if isinstance(active, PropagationJob) else "A learner task"
+            raise OFLSAM2UserError(f"{what} is already running: wait for it or cancel it")
 
-    def saveLearner(
+    def startSaveLearner(
         self,
         volumeNode: slicer.vtkMRMLScalarVolumeNode | None,
         segmentationNode: slicer.vtkMRMLSegmentationNode | None,
         path: str,
         segmentIds: Iterable[str] | None = None,
-        progress: Callable[[Any], None] | None = None,
         **options: Any,
-    ) -> str:
-        """Train a learner on the chosen segments as they are now and save it to ``path``
-        (see :mod:`.learners`); ``options`` as for :meth:`propagate`."""
+    ) -> learners.LearnerJob:
+        """Read the chosen segments as they are now and train a learner on them in the
+        background (see :mod:`.learners`); ``options`` as for :meth:`propagate`. Wait for the
+        job as for a propagation, then call :meth:`finishSaveLearner`."""
         self._idle()
         with userErrors():
             built = PropagationOptions.build(**options)
         ids = list(segmentIds) if segmentIds else None
-        return learners.saveLearner(
-            volumeNode, segmentationNode, ids, path, built.settings, progress
+        job = learners.startSave(
+            volumeNode, segmentationNode, ids, path, built.settings, self.segmenterFactory
         )
+        self.store.active = job
+        return job
 
-    def applyLearner(
+    def finishSaveLearner(self, job: learners.LearnerJob) -> str:
+        """The path the finished job wrote; its error if it failed or was cancelled."""
+        self._release(job)
+        job.finishedWriting = True
+        return job.result
+
+    def saveLearner(self, *args: Any, **kwargs: Any) -> str:
+        """:meth:`startSaveLearner` and :meth:`finishSaveLearner`, blocking: for scripts."""
+        job = self.startSaveLearner(*args, **kwargs)
+        job.wait()
+        return self.finishSaveLearner(job)
+
+    def startApplyLearner(
         self,
         volumeNode: slicer.vtkMRMLScalarVolumeNode | None,
         segmentationNode: slicer.vtkMRMLSegmentationNode | None,
         path: str,
-        progress: Callable[[Any], None] | None = None,
-        beforeWrite: Callable[[], None] | None = None,
         **options: Any,
-    ) -> learners.AppliedLearner:
-        """Segment ``volumeNode`` with a learner file, no painted slice needed; the learner's
-        segments (by name) are written undoably (:meth:`undo`)."""
+    ) -> learners.LearnerJob:
+        """Segment ``volumeNode`` with a learner file in the background, no painted slice
+        needed; :meth:`finishApplyLearner` writes the learner's segments (by name) undoably."""
         self._idle()
         with userErrors():
             built = PropagationOptions.build(**options)
-        return learners.applyLearner(
-            volumeNode,
-            segmentationNode,
-            path,
-            lambda: self.store.history(segmentationNode),
-            built.settings,
-            progress,
-            beforeWrite,
+        job = learners.startApply(
+            volumeNode, segmentationNode, path, built.settings, self.segmenterFactory
         )
+        self.store.active = job
+        return job
+
+    def finishApplyLearner(
+        self, job: learners.LearnerJob, beforeWrite: Callable[[], None] | None = None
+    ) -> learners.AppliedLearner:
+        """Write a finished Apply learner job (main thread only; undo with :meth:`undo`)."""
+        self._release(job)
+        segNode = job.plan.segmentationNode
+        result = learners.writeApplied(
+            job.plan, job.result, lambda: self.store.history(segNode), beforeWrite
+        )
+        job.finishedWriting = True
+        return result
+
+    def applyLearner(
+        self, *args: Any, beforeWrite: Callable[[], None] | None = None, **kwargs: Any
+    ) -> learners.AppliedLearner:
+        """:meth:`startApplyLearner` and :meth:`finishApplyLearner`, blocking: for scripts."""
+        job = self.startApplyLearner(*args, **kwargs)
+        job.wait()
+        return self.finishApplyLearner(job, beforeWrite)
 
     # ------------------------------------------------------------ guidance
 

@@ -16,7 +16,7 @@ INPUT_GROUPS = ("inputsCollapsibleButton", "modelCollapsibleButton", "advancedCo
 
 READY_TIP = "Propagate the painted slices through the volume"
 NOT_READY_TIP = "Select the volume and the segmentation with a painted segment"
-RUNNING_TIP = "A propagation or download is running: wait for it or press Cancel"
+RUNNING_TIP = "A propagation, learner or download is running: wait for it or press Cancel"
 
 
 @dataclass(frozen=True)
