@@ -27,6 +27,18 @@ def segment_ids(node) -> list[str]:
     return [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
 
 
+def labelled_liver(scene, name: str):
+    """Volume ``a`` and a segmentation whose segment "liver" holds its whole label."""
+    node = load_volume(scene.scene, folder() / "a.nrrd", name)
+    segmentation = scene.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"S{name}")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(node)
+    sid = segmentation.GetSegmentation().AddEmptySegment("", "liver", [0.8, 0.4, 0.2])
+    _, truth = volume("a")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(truth, segmentation, sid, node)
+    return node, segmentation, sid
+
+
 @pytest.mark.slow
 @pytest.mark.engine
 def test_apply_learner_writes_named_segments_undoably(scene):
@@ -55,13 +67,7 @@ def test_apply_learner_writes_named_segments_undoably(scene):
 @pytest.mark.slow
 @pytest.mark.engine
 def test_save_learner_trains_on_the_segments_as_they_are(scene, tmp_path):
-    node = load_volume(scene.scene, folder() / "a.nrrd", "A")
-    segmentation = scene.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "SA")
-    segmentation.CreateDefaultDisplayNodes()
-    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(node)
-    sid = segmentation.GetSegmentation().AddEmptySegment("", "liver", [0.8, 0.4, 0.2])
-    _, truth = volume("a")
-    slicer.util.updateSegmentBinaryLabelmapFromArray(truth, segmentation, sid, node)
+    node, segmentation, sid = labelled_liver(scene, "A")
     path = tmp_path / "liver.oflsam2"
     logic = OFLSAM2Logic()
     assert logic.saveLearner(node, segmentation, str(path), [sid], fit_steps=3) == str(path)
@@ -125,13 +131,7 @@ def test_apply_learner_runs_in_the_background_and_a_cancel_writes_nothing(scene)
 def test_a_cancelled_save_learner_writes_no_file(scene, tmp_path):
     from oflsam2_slicer import TaskCancelled
 
-    node = load_volume(scene.scene, folder() / "a.nrrd", "A4")
-    segmentation = scene.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "S4")
-    segmentation.CreateDefaultDisplayNodes()
-    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(node)
-    sid = segmentation.GetSegmentation().AddEmptySegment("", "liver", [0.8, 0.4, 0.2])
-    _, truth = volume("a")
-    slicer.util.updateSegmentBinaryLabelmapFromArray(truth, segmentation, sid, node)
+    node, segmentation, sid = labelled_liver(scene, "A4")
     path = tmp_path / "liver.oflsam2"
     logic = OFLSAM2Logic()
     job = logic.startSaveLearner(node, segmentation, str(path), [sid], fit_steps=3)

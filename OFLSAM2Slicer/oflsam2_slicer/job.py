@@ -18,7 +18,7 @@ from .options import PropagationOptions
 from .planning import Group, Layout, slicesChanged
 from .review import NextSlice, SliceConfidence, nextSlice, sliceConfidence
 from .store import Session
-from .task import LOADING, PROPAGATION, BackgroundTask, TaskStatus
+from .task import LOADING, PROPAGATION, BackgroundTask, Job
 
 SegmenterFactory = Callable[[Settings], Any]
 
@@ -83,7 +83,7 @@ def _engineTotals(results: Sequence[Any]) -> tuple[dict[str, float], int]:
     return timings, encoded
 
 
-class PropagationJob:
+class PropagationJob(Job):
     """A propagation running in the background: ``poll()``, ``cancel()``, then the logic writes it.
 
     Created by :meth:`OFLSAM2Logic.startPropagation`; hand it to
@@ -91,11 +91,9 @@ class PropagationJob:
     """
 
     def __init__(self, plan: Plan) -> None:
-        self.plan = plan
+        super().__init__(BackgroundTask(self._run, kind=PROPAGATION, names=plan.labelNames), plan)
         self.engineResults: list[Any] = []
-        self.task = BackgroundTask(self._run, kind=PROPAGATION, names=plan.labelNames)
         self.startTime = time.perf_counter()
-        self.finishedWriting = False
 
     def _run(self, progress: Progress, cancel: threading.Event) -> list[Any]:
         plan = self.plan
@@ -116,18 +114,6 @@ class PropagationJob:
             results.append(segmenter.propagate(progress=progress, cancel=cancel))
         self.engineResults = results
         return results
-
-    def start(self) -> None:
-        self.task.start()
-
-    def poll(self) -> TaskStatus:
-        return self.task.poll()
-
-    def cancel(self) -> None:
-        self.task.cancel()
-
-    def wait(self, timeout: float | None = None) -> TaskStatus:
-        return self.task.wait(timeout)
 
     def result(self, written: Mapping[str, np.ndarray]) -> PropagationResult:
         """The summary of this job once ``written`` (segment -> full-grid mask) was written."""

@@ -27,7 +27,7 @@ from oflsam2.settings import DEFAULTS, Settings
 
 from . import mrmlio
 from .errors import OFLSAM2UserError, userErrors
-from .task import BackgroundTask, TaskStatus
+from .task import BackgroundTask, Job
 
 LEARNER_FILTER = "OFL-SAM2 learner (*.oflsam2);;All files (*)"
 
@@ -46,27 +46,16 @@ def _segmentColor(segmentation, sid: str) -> tuple[float, float, float]:
     return tuple(float(c) for c in segmentation.GetSegment(sid).GetColor())
 
 
-class LearnerJob:
-    """Save learner… or Apply learner… in the background (the shape of a ``PropagationJob``,
-    so the logic releases it the same way); ``plan`` is what the main thread read."""
+class LearnerJob(Job):
+    """Save learner… or Apply learner… in the background; its result is the task's."""
 
-    def __init__(self, work: Callable[[Progress, threading.Event], Any], plan: Any = None,
-                 names: dict[int, str] | None = None) -> None:  # fmt: skip
-        self.plan = plan
-        self.task = BackgroundTask(work, names=names)
-        self.finishedWriting = False
-
-    def start(self) -> None:
-        self.task.start()
-
-    def poll(self) -> TaskStatus:
-        return self.task.poll()
-
-    def cancel(self) -> None:
-        self.task.cancel()
-
-    def wait(self, timeout: float | None = None) -> TaskStatus:
-        return self.task.wait(timeout)
+    def __init__(
+        self,
+        work: Callable[[Progress, threading.Event], Any],
+        plan: Any = None,
+        names: dict[int, str] | None = None,
+    ) -> None:
+        super().__init__(BackgroundTask(work, names=names), plan)
 
     @property
     def result(self) -> Any:

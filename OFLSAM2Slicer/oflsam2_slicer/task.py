@@ -298,3 +298,25 @@ class TaskRunner:
             return False
         self.task.cancel()
         return True
+
+
+class Job:
+    """A :class:`BackgroundTask` with what the logic keeps beside it: the ``plan`` read on the
+    main thread, and whether its result was written (the logic releases every job alike)."""
+
+    def __init__(self, task: BackgroundTask, plan: Any = None) -> None:
+        self.task = task
+        self.plan = plan
+        self.finishedWriting = False
+
+    def start(self) -> None:
+        self.task.start()
+
+    def poll(self) -> TaskStatus:
+        return self.task.poll()
+
+    def cancel(self) -> None:
+        self.task.cancel()
+
+    def wait(self, timeout: float | None = None) -> TaskStatus:
+        return self.task.wait(timeout)
