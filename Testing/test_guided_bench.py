@@ -41,7 +41,7 @@ class FakeRunner:
     """The Runner's interface with an instant engine: each slice copies the nearest painted one;
     confidence falls with the distance to it."""
 
-    def __init__(self, structure, settings=None, mode="fresh"):
+    def __init__(self, structure, settings=None, mode="fresh", store=None):
         self.s, self.runs, self.signals = structure, 0, []
 
     def start_sequence(self):
@@ -130,3 +130,24 @@ def test_main_on_a_stand_in_engine(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| 4 |" in out and (tmp_path / "g.png").is_file()
     assert guided.main([*argv, "--structures", "nothing"]) == 2
+
+
+def test_workers_give_the_same_steps_as_one_process(tmp_path, monkeypatch):
+    truth = column(10, 29)
+    volume = guided.Volume(
+        "toy", "CT", np.zeros(truth.shape, np.int16), None, truth.astype(np.uint8), {1: "column"}
+    )
+    other = guided.Volume(
+        "toy2", "CT", np.zeros(truth.shape, np.int16), None, column(5, 30).astype(np.uint8),
+        {1: "column"},
+    )  # fmt: skip
+    monkeypatch.setattr(guided, "load_ct", lambda: volume)
+    monkeypatch.setattr(guided, "load_dev", lambda: [other])
+    monkeypatch.setattr(guided, "Runner", FakeRunner)
+    rows = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}.csv"
+        argv = ["--data", "ct,dev", "--max-k", "4", "--workers", str(workers), "--csv", str(out)]
+        assert guided.main([*argv, "--plot", str(tmp_path / f"w{workers}.png")]) == 0
+        rows[workers] = sorted(line.rsplit(",", 1)[0] for line in out.read_text().splitlines())
+    assert rows[1] == rows[2] and len(rows[1]) > 2

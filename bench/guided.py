@@ -29,7 +29,9 @@ Output: a markdown table (mean Dice per strategy and K) on stdout, ``--plot``
 (``bench/results/guided.png``) and a per-step CSV (``bench/results/guided.csv``).
 
 Usage: ``python bench/guided.py [--data ct,dev] [--structures NAME,...] [--max-k 8]
-[--strategies suggested,gap,random] [--random-seeds 0] [--mode fresh|warm] [--threads N]``.
+[--strategies suggested,gap,random] [--random-seeds 0] [--mode fresh|warm] [--threads N]
+[--workers N] [--feature-cache DIR]``. ``--workers`` runs structures in forked processes;
+``--feature-cache`` keeps encoded slices on disk (``accuracy.cached_segmenter``).
 """
 
 from __future__ import annotations
@@ -122,11 +124,12 @@ def suggested_slice(result) -> int | None:
 class Runner:
     """One structure's segmenter: a propagation per painted set (cached in fresh mode)."""
 
-    def __init__(self, structure: Structure, settings, mode: str) -> None:
-        from oflsam2.segmenter import OFLSegmenter
+    def __init__(self, structure: Structure, settings, mode: str, store: Path | None = None):
+        from accuracy import cached_segmenter
 
         self.s, self.settings, self.mode = structure, settings, mode
-        self.seg = OFLSegmenter(settings)
+        self.seg = cached_segmenter(store)(settings)
+        self.seg.volume_name = structure.volume.name  # the feature cache's key
         self.cache: dict[tuple[int, ...], tuple[float, object, float]] = {}
         self.signals: list[dict] = []  # per propagated slice: the engine's signals, the error
 
@@ -353,11 +356,50 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", default=str(RESULTS / "guided.png"))
     p.add_argument("--csv", default=str(RESULTS / "guided.csv"))
     p.add_argument("--signals", default="", help="CSV of per-slice signals and true errors")
+    p.add_argument("--workers", type=int, default=1, help="processes running structures")
+    p.add_argument("--feature-cache", help="folder keeping encoded slices across runs")
     args = p.parse_args(argv)
     unknown = set(_list(args.strategies)) - set(STRATEGIES)
     if unknown or not 1 <= args.start_k <= args.max_k:
         p.error(f"strategies are {', '.join(STRATEGIES)}; 1 <= --start-k <= --max-k")
     return args
+
+
+_CHOSEN: list[Structure] = []  # what a forked worker reads by index (nothing large pickled)
+
+
+def run_structure(index: int, job: tuple) -> tuple[list[Step], list[dict]]:
+    """Every simulated user of one structure: its steps and per-slice signals."""
+    args, settings, store = job
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    structure = _CHOSEN[index]
+    start = paint_slices(structure.truth, "even", args.start_k)
+    runner = Runner(structure, settings, args.mode, store)
+    steps = []
+    for strategy in _list(args.strategies):
+        for seed in [int(x) for x in _list(args.random_seeds)] if strategy == "random" else [None]:
+            steps += simulate(runner, strategy, start, args.max_k, seed)
+    return steps, runner.signals
+
+
+def run_parallel(chosen: list[Structure], job: tuple, workers: int):
+    """Structure by structure, in ``workers`` forked processes (1: this one)."""
+    global _CHOSEN
+    _CHOSEN = chosen
+    if workers <= 1:
+        for i in range(len(chosen)):
+            yield run_structure(i, job)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [pool.submit(run_structure, i, job) for i in range(len(chosen))]
+        for future in as_completed(futures):
+            yield future.result()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,23 +416,18 @@ def main(argv: list[str] | None = None) -> int:
     if not chosen:
         print("no structure selected", file=sys.stderr)
         return 2
-    strategies = _list(args.strategies)
-    seeds = [int(s) for s in _list(args.random_seeds)]
-    settings = Settings(device=args.device)
+    store = Path(args.feature_cache) if args.feature_cache else None
+    job = (args, Settings(device=args.device), store)
     steps: list[Step] = []
     signals: list[dict] = []
     t0 = time.perf_counter()
-    for structure in chosen:
-        start = paint_slices(structure.truth, "even", args.start_k)
-        runner = Runner(structure, settings, args.mode)
-        for strategy in strategies:
-            for seed in seeds if strategy == "random" else [None]:
-                steps += simulate(runner, strategy, start, args.max_k, seed)
-        signals += runner.signals
-        del runner  # its encoded slices
+    for got, seen in run_parallel(chosen, job, args.workers):  # saved as they come
+        steps += got
+        signals += seen
         write_csv(Path(args.csv), steps)
         if args.signals:
             write_signals(Path(args.signals), signals)
+    strategies = _list(args.strategies)
     ks = list(range(args.start_k, args.max_k + 1))
     table = mean_table(steps, strategies, ks)
     plot(table, strategies, ks, len(chosen), Path(args.plot))
