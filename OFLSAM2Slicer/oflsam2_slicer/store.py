@@ -88,9 +88,8 @@ class Store:
         self.sessions: dict[str, Session] = {}  # volume node ID -> session
         self.written: dict[WriteKey, WriteMemory] = {}
         self.histories: dict[str, Any] = {}  # segmentation node ID -> vtkSegmentationHistory
-        self.active: Any = (
-            None  # the engine job (propagation or learner) started last, until finished
-        )
+        # the engine job (propagation or learner) started last, until it is finished
+        self.active: Any = None
         self._scene = None
         self._tags: list[int] = []
 
