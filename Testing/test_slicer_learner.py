@@ -92,6 +92,7 @@ def test_bad_learner_files_are_one_line_user_errors(scene, tmp_path):
     assert segment_ids(segmentation) == []
 
 
+@pytest.mark.slow
 @pytest.mark.engine
 def test_apply_learner_runs_in_the_background_and_a_cancel_writes_nothing(scene):
     """The GUI thread is free while a learner job runs; nothing else may start; cancelled, no

@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import slicer
 
-from oflsam2.progress import Progress
+from oflsam2.progress import Progress, ProgressEvent
 from oflsam2.settings import DEFAULTS, Settings
 
 from . import mrmlio
 from .errors import OFLSAM2UserError, userErrors
-from .task import BackgroundTask, Job
+from .task import LOADING, BackgroundTask, Job
 
 LEARNER_FILTER = "OFL-SAM2 learner (*.oflsam2);;All files (*)"
 
@@ -69,6 +69,15 @@ def _importEngine() -> None:
         import oflsam2.transfer  # noqa: F401
 
 
+def _engine(factory: Callable[[Settings], Any], settings: Settings, progress: Progress) -> Any:
+    """The segmenter, built with "loading model" on the status line; a Cancel pressed meanwhile
+    stops the job before any slice is encoded (progress raises once cancelled)."""
+    progress(ProgressEvent(LOADING, None, 0, 0))
+    seg = factory(settings)
+    progress(ProgressEvent(LOADING, None, 1, 1))
+    return seg
+
+
 def startSave(
     volumeNode: slicer.vtkMRMLScalarVolumeNode | None,
     segmentationNode: slicer.vtkMRMLSegmentationNode | None,
@@ -104,6 +113,7 @@ def startSave(
         from oflsam2.transfer import LabelledVolume, train_learner
 
         with userErrors():
+            seg = _engine(factory or OFLSegmenter, settings.replace(roi="none"), progress)
             lf = train_learner(
                 [LabelledVolume(volumeName, array, labels, geometry, None)],
                 settings,
@@ -112,7 +122,7 @@ def startSave(
                 steps=settings.fit_steps,
                 progress=progress,
                 cancel=cancel,
-                segmenter=(factory or OFLSegmenter)(settings.replace(roi="none")),
+                segmenter=seg,
             )
             if cancel.is_set():  # a half-trained learner is never written
                 raise Cancelled("cancelled by the user")
@@ -189,7 +199,7 @@ def startApply(
 
     def work(progress: Progress, cancel: threading.Event):
         with userErrors():
-            seg = (factory or OFLSegmenter)(settings_for(lf, settings))
+            seg = _engine(factory or OFLSegmenter, settings_for(lf, settings), progress)
             return apply_learner(
                 seg, lf, array, geometry, None, painted, progress=progress, cancel=cancel
             )
