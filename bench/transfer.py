@@ -104,7 +104,7 @@ def sarcoma(settings, make) -> list[dict]:
                 [LabelledVolume(v.name, v.array, v.labels, v.geometry, v.modality) for v in train],
                 settings,
                 {1: "sarcoma"},
-                segmenter=make(settings),
+                segmenter=make(settings.replace(roi="none")),
             )
             labels, extra = _apply(settings, lf, target, make)
             truth = target.labels == 1
@@ -144,7 +144,7 @@ def chest(settings, make) -> list[dict]:
             [LabelledVolume("ct_chest", ct.array, lab, ct.geometry, ct.modality, slices)],
             settings,
             {1: name},
-            segmenter=make(settings),
+            segmenter=make(settings.replace(roi="none")),
         )
         labels, extra = _apply(settings, lf, ct, make)
         refs = {k: _segment_from_painting(settings, ct, value, k, make) for k in (1, 3)}
