@@ -157,13 +157,17 @@ def chest(settings, make) -> list[dict]:
     return rows
 
 
+def _seeds(seeds: dict) -> str:
+    return ", ".join(str(t) for t in seeds.values()) if seeds else "not found"
+
+
 def table(rows: list[dict]) -> str:
     head = "| case | target | structure | learner (prompt-free) | K = 1 | K = 3 | seed slice |"
     lines = [head, "|" + "---|" * 7]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['target']} | {r['structure']} | {r['dice_learner']:.3f} | "
-            f"{r['dice_k1']:.3f} | {r['dice_k3']:.3f} | {r['seed_slice'] or 'not found'} |"
+            f"{r['dice_k1']:.3f} | {r['dice_k3']:.3f} | {_seeds(r['seed_slice'])} |"
         )
     return "\n".join(lines)
 
