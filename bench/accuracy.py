@@ -46,7 +46,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cases import AXIS, PATTERNS, Volume, load_ct, load_dev, paint_slices, structures  # noqa: E402
+from cases import (  # noqa: E402
+    AXIS,
+    PATTERNS,
+    Volume,
+    in_processes,
+    load_ct,
+    load_dev,
+    paint_slices,
+    structures,
+)
 
 from oflsam2.metrics import dice  # noqa: E402
 
@@ -254,34 +263,14 @@ def run_engine(
     return rows
 
 
-_CASES: list[Case] = []  # the cases a forked worker reads by index (nothing large is pickled)
-
-
-def _engine_task(index: int, job: tuple) -> list[Row]:
+def _engine_task(case: Case, job: tuple) -> list[Row]:
+    """Engine rows of one painting (``cases.in_processes`` runs it, maybe in a fork)."""
     device, variants, seeds, store, threads = job
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    return run_engine([_CASES[index]], device, variants, seeds, store)
-
-
-def run_parallel(cases: list[Case], job: tuple, workers: int):
-    """Engine rows painting by painting, in ``workers`` forked processes (1: this one)."""
-    global _CASES
-    _CASES = cases
-    if workers <= 1:
-        for i in range(len(cases)):
-            yield _engine_task(i, job)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    ctx = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        futures = [pool.submit(_engine_task, i, job) for i in range(len(cases))]
-        for future in as_completed(futures):
-            yield future.result()
+    return run_engine([case], device, variants, seeds, store)
 
 
 # ---------------------------------------------------------------- report
@@ -508,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         store = Path(args.feature_cache) if args.feature_cache else None
         print(f"running {', '.join(variants)} on {len(cases)} cases ...", file=sys.stderr)
         job = (args.device, variants, seeds, store, args.threads)
-        for done in run_parallel(cases, job, args.workers):  # saved as they come
+        for done in in_processes(_engine_task, cases, job, args.workers):  # saved as they come
             rows += done
             write_csv(Path(args.csv), rows)
     report(rows, patterns, ks)

@@ -19,8 +19,10 @@ that holds it; slices that collide are kept once.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -116,3 +118,30 @@ def structures(volume: Volume) -> list[int]:
             if hi - lo + 1 >= MIN_SLICES:
                 out.append(int(value))
     return out
+
+
+_ITEMS: list = []  # what a forked worker reads by index (nothing large is pickled)
+
+
+def _call(task: Callable[[Any, tuple], Any], index: int, job: tuple) -> Any:
+    return task(_ITEMS[index], job)
+
+
+def in_processes(
+    task: Callable[[Any, tuple], Any], items: list, job: tuple, workers: int
+) -> Iterator[Any]:
+    """``task(item, job)`` for every item, in ``workers`` forked processes (1: this one),
+    yielded as they finish; ``task`` must be a module-level function."""
+    global _ITEMS
+    _ITEMS = items
+    if workers <= 1:
+        for i in range(len(items)):
+            yield _call(task, i, job)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [pool.submit(_call, task, i, job) for i in range(len(items))]
+        for future in as_completed(futures):
+            yield future.result()

@@ -47,7 +47,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cases import AXIS, Volume, extent, load_ct, load_dev, paint_slices, structures  # noqa: E402
+from cases import (  # noqa: E402
+    AXIS,
+    Volume,
+    extent,
+    in_processes,
+    load_ct,
+    load_dev,
+    paint_slices,
+    structures,
+)
 
 from oflsam2.metrics import dice  # noqa: E402
 
@@ -365,17 +374,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-_CHOSEN: list[Structure] = []  # what a forked worker reads by index (nothing large pickled)
-
-
-def run_structure(index: int, job: tuple) -> tuple[list[Step], list[dict]]:
+def run_structure(structure: Structure, job: tuple) -> tuple[list[Step], list[dict]]:
     """Every simulated user of one structure: its steps and per-slice signals."""
     args, settings, store = job
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    structure = _CHOSEN[index]
     start = paint_slices(structure.truth, "even", args.start_k)
     runner = Runner(structure, settings, args.mode, store)
     steps = []
@@ -383,23 +388,6 @@ def run_structure(index: int, job: tuple) -> tuple[list[Step], list[dict]]:
         for seed in [int(x) for x in _list(args.random_seeds)] if strategy == "random" else [None]:
             steps += simulate(runner, strategy, start, args.max_k, seed)
     return steps, runner.signals
-
-
-def run_parallel(chosen: list[Structure], job: tuple, workers: int):
-    """Structure by structure, in ``workers`` forked processes (1: this one)."""
-    global _CHOSEN
-    _CHOSEN = chosen
-    if workers <= 1:
-        for i in range(len(chosen)):
-            yield run_structure(i, job)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        futures = [pool.submit(run_structure, i, job) for i in range(len(chosen))]
-        for future in as_completed(futures):
-            yield future.result()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     steps: list[Step] = []
     signals: list[dict] = []
     t0 = time.perf_counter()
-    for got, seen in run_parallel(chosen, job, args.workers):  # saved as they come
+    for got, seen in in_processes(run_structure, chosen, job, args.workers):  # saved as they come
         steps += got
         signals += seen
         write_csv(Path(args.csv), steps)
