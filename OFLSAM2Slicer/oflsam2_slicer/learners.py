@@ -223,13 +223,14 @@ def writeApplied(
     existing = {sid: plan.lf.names[v] for v, sid in plan.segmentIds.items() if sid is not None}
     originals = {sid: plan.before[v] for v, sid in plan.segmentIds.items() if sid is not None}
     mrmlio.checkUnchanged(segNode, volumeNode, existing, originals)
-    ids = _segmentsFor(segNode, plan.lf, create=True)
-    for v, sid in ids.items():
-        if plan.segmentIds[v] is None and mrmlio.segmentMask(segNode, sid, volumeNode).any():
+    for v, sid in _segmentsFor(segNode, plan.lf, create=False).items():
+        added = plan.segmentIds[v] is None and sid is not None  # made by the user meanwhile
+        if added and mrmlio.segmentMask(segNode, sid, volumeNode).any():
             raise OFLSAM2UserError(
-                f"Segment '{plan.lf.names[v]}' was painted while applying the learner: nothing "
-                "was written; apply it again"
+                f"Segment '{plan.lf.names[v]}' was painted while applying the learner: "
+                "nothing was written; apply it again"
             )
+    ids = _segmentsFor(segNode, plan.lf, create=True)  # checked first: a refusal adds nothing
     labels = np.asarray(applied.result.labels)
     axis = applied.result.axis
     masks = {v: (labels == v).astype(np.uint8) for v in ids}
