@@ -151,3 +151,37 @@ def test_workers_give_the_same_steps_as_one_process(tmp_path, monkeypatch):
         assert guided.main([*argv, "--plot", str(tmp_path / f"w{workers}.png")]) == 0
         rows[workers] = sorted(line.rsplit(",", 1)[0] for line in out.read_text().splitlines())
     assert rows[1] == rows[2] and len(rows[1]) > 2
+
+
+def test_resume_keeps_finished_structures_and_runs_only_the_rest(tmp_path, monkeypatch):
+    """A long run cut short (session end) goes on from its CSV: finished structures are read
+    back, not run again, and the table comes out as from one run."""
+    volume = guided.Volume(
+        "toy", "CT", np.zeros((40, 8, 8), np.int16), None, column(10, 29).astype(np.uint8),
+        {1: "column"},
+    )  # fmt: skip
+    other = guided.Volume(
+        "toy2", "CT", np.zeros((40, 8, 8), np.int16), None, column(5, 30).astype(np.uint8),
+        {1: "column"},
+    )  # fmt: skip
+    monkeypatch.setattr(guided, "load_ct", lambda: volume)
+    monkeypatch.setattr(guided, "load_dev", lambda: [other])
+    ran = []
+
+    class Counting(FakeRunner):
+        def run(self, painted):
+            ran.append(self.s.name)
+            return super().run(painted)
+
+    monkeypatch.setattr(guided, "Runner", Counting)
+    whole, part = tmp_path / "whole.csv", tmp_path / "part.csv"
+    base = ["--max-k", "4", "--plot", str(tmp_path / "g.png")]
+    assert guided.main([*base, "--data", "ct,dev", "--csv", str(whole)]) == 0
+    assert guided.main([*base, "--data", "ct", "--csv", str(part)]) == 0  # the cut-short run
+    ran.clear()
+    assert guided.main([*base, "--data", "ct,dev", "--csv", str(part), "--resume"]) == 0
+    assert set(ran) == {"toy2:column"}  # toy was read back
+    assert sorted(part.read_text().splitlines()) == sorted(whole.read_text().splitlines())
+    ran.clear()
+    assert guided.main([*base, "--data", "ct,dev", "--csv", str(part), "--resume"]) == 0
+    assert ran == []

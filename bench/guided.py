@@ -30,8 +30,9 @@ Output: a markdown table (mean Dice per strategy and K) on stdout, ``--plot``
 
 Usage: ``python bench/guided.py [--data ct,dev] [--structures NAME,...] [--max-k 8]
 [--strategies suggested,gap,random] [--random-seeds 0] [--mode fresh|warm] [--threads N]
-[--workers N] [--feature-cache DIR]``. ``--workers`` runs structures in forked processes;
-``--feature-cache`` keeps encoded slices on disk (``accuracy.cached_segmenter``).
+[--workers N] [--feature-cache DIR] [--resume]``. ``--workers`` runs structures in forked
+processes; ``--feature-cache`` keeps encoded slices on disk (``accuracy.cached_segmenter``);
+``--resume`` goes on from the CSV of a run that was cut short (the full run takes hours).
 """
 
 from __future__ import annotations
@@ -323,6 +324,24 @@ def write_csv(path: Path, steps: list[Step]) -> None:
             )
 
 
+def read_csv(path: Path) -> list[Step]:
+    """The steps ``write_csv`` wrote (``--resume``)."""
+    with open(path, newline="") as fh:
+        return [
+            Step(
+                r["structure"],
+                r["strategy"],
+                int(r["seed"]) if r["seed"] else None,
+                int(r["k"]),
+                [int(t) for t in r["painted"].split()],
+                float(r["dice_unpainted"]),
+                int(r["next"]) if r["next"] else None,
+                float(r["seconds"]),
+            )
+            for r in csv.DictReader(fh)
+        ]
+
+
 def write_signals(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
@@ -367,6 +386,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--signals", default="", help="CSV of per-slice signals and true errors")
     p.add_argument("--workers", type=int, default=1, help="processes running structures")
     p.add_argument("--feature-cache", help="folder keeping encoded slices across runs")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the structures already in --csv (and --signals) from a run with the same "
+        "options that was cut short; run only the others",
+    )
     args = p.parse_args(argv)
     unknown = set(_list(args.strategies)) - set(STRATEGIES)
     if unknown or not 1 <= args.start_k <= args.max_k:
@@ -408,8 +433,19 @@ def main(argv: list[str] | None = None) -> int:
     job = (args, Settings(device=args.device), store)
     steps: list[Step] = []
     signals: list[dict] = []
+    if args.resume and Path(args.csv).is_file():  # a structure's rows are written once it ends
+        names = {s.name for s in chosen}
+        steps = [st for st in read_csv(Path(args.csv)) if st.structure in names]
+        if args.signals and Path(args.signals).is_file():
+            with open(args.signals, newline="") as fh:
+                signals = [r for r in csv.DictReader(fh) if r["structure"] in names]
+        done = {st.structure for st in steps}
+        print(f"resuming: {len(done)} structure(s) read from {args.csv}", file=sys.stderr)
+    else:
+        done = set()
+    todo = [s for s in chosen if s.name not in done]
     t0 = time.perf_counter()
-    for got, seen in in_processes(run_structure, chosen, job, args.workers):  # saved as they come
+    for got, seen in in_processes(run_structure, todo, job, args.workers):  # saved as they come
         steps += got
         signals += seen
         write_csv(Path(args.csv), steps)
