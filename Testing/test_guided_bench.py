@@ -185,3 +185,23 @@ def test_resume_keeps_finished_structures_and_runs_only_the_rest(tmp_path, monke
     ran.clear()
     assert guided.main([*base, "--data", "ct,dev", "--csv", str(part), "--resume"]) == 0
     assert ran == []
+
+
+def test_signal_check_ranks_the_signal_that_tracks_the_error_first():
+    rows = []
+    for t in range(8):
+        area, conf = 100 + 10 * t, 0.9 - 0.1 * (t % 4)
+        rows.append(
+            {
+                "structure": "a", "painted": "0 9", "slice": t + 1, "distance": min(t + 1, 8 - t),
+                "confidence": conf, "disagreement": "nan", "area_predicted": area,
+                "error_voxels": round(area * (1 - conf)),
+            }
+        )  # fmt: skip
+    text = guided.signal_check(rows)
+    assert "(1 propagations)" in text
+    assert "| expected error (area x unsureness) | 1.00 | " in text
+    expected_share = sorted((r["error_voxels"] for r in rows), reverse=True)[:3]
+    share = sum(expected_share) / sum(r["error_voxels"] for r in rows)
+    assert f"| expected error (area x unsureness) | 1.00 | {share:.2f} |" in text
+    assert "| predicted area | 1.00 |" not in text  # area alone misses the unsureness

@@ -278,6 +278,56 @@ def verdict(table: dict, ks: list[int]) -> str:
     return f"Gap strategy at K = {last}: {goal:.3f}; the suggestion reaches it {when}."
 
 
+SIGNALS = {  # what the guidance could rank slices by (oflsam2.guidance; the floor left out)
+    "expected error (area x unsureness)": lambda r: r["area"] * r["u"],
+    "unsureness (1 - confidence, or disagreement)": lambda r: r["u"],
+    "predicted area": lambda r: r["area"],
+    "distance to a painted slice": lambda r: r["distance"],
+}
+
+
+def signal_check(rows: list[dict]) -> str:
+    """How well each signal ranks the slices of one propagation by their true error: Spearman's
+    rho, and the share of the true wrong voxels on the 3 slices it ranks highest, both averaged
+    over propagations (``--signals``; the data behind the guidance's measure)."""
+    from scipy.stats import spearmanr
+
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        conf, dis = float(r["confidence"]), float(r["disagreement"])
+        u = 1.0 - min(max(conf, 0.0), 1.0) if np.isfinite(conf) else 0.5
+        if np.isfinite(dis):
+            u = max(u, min(max(dis, 0.0), 1.0))
+        item = {
+            "u": u,
+            "area": float(r["area_predicted"]),
+            "distance": float(r["distance"]),
+            "error": float(r["error_voxels"]),
+        }
+        runs.setdefault((r["structure"], r["painted"]), []).append(item)
+    lines = [
+        f"Signals against the true error per slice ({len(runs)} propagations):",
+        "",
+        "| signal | Spearman rho (mean) | share of the error on its top 3 slices |",
+        "|---|---|---|",
+    ]
+    for name, signal in SIGNALS.items():
+        rhos, shares = [], []
+        for items in runs.values():
+            err = np.array([i["error"] for i in items])
+            val = np.array([signal(i) for i in items])
+            if len(items) < 3 or err.sum() == 0:
+                continue
+            if np.ptp(val) > 0 and np.ptp(err) > 0:
+                rhos.append(spearmanr(val, err).statistic)
+            top = np.argsort(-val, kind="stable")[:3]
+            shares.append(err[top].sum() / err.sum())
+        rho = f"{np.mean(rhos):.2f}" if rhos else ""
+        share = f"{np.mean(shares):.2f}" if shares else ""
+        lines.append(f"| {name} | {rho} | {share} |")
+    return "\n".join(lines)
+
+
 def plot(table: dict, strategies: list[str], ks: list[int], n: int, path: Path) -> None:
     import matplotlib
 
@@ -456,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     table = mean_table(steps, strategies, ks)
     plot(table, strategies, ks, len(chosen), Path(args.plot))
     print(markdown(table, strategies, ks, len(chosen)))
+    if signals:
+        print("\n" + signal_check(signals))
     print(
         f"\n{len(chosen)} structure(s) ({', '.join(s.name for s in chosen)}), mode {args.mode}, "
         f"{time.perf_counter() - t0:.0f} s; wrote {args.plot} and {args.csv}"
