@@ -292,14 +292,13 @@ def signal_check(rows: list[dict]) -> str:
     over propagations (``--signals``; the data behind the guidance's measure)."""
     from scipy.stats import spearmanr
 
+    from oflsam2.guidance import uncertainty
+
     runs: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        conf, dis = float(r["confidence"]), float(r["disagreement"])
-        u = 1.0 - min(max(conf, 0.0), 1.0) if np.isfinite(conf) else 0.5
-        if np.isfinite(dis):
-            u = max(u, min(max(dis, 0.0), 1.0))
+        conf, dis = [float(r["confidence"])], [float(r["disagreement"])]
         item = {
-            "u": u,
+            "u": float(uncertainty(np.array(conf), np.array(dis))[0]),
             "area": float(r["area_predicted"]),
             "distance": float(r["distance"]),
             "error": float(r["error_voxels"]),
