@@ -54,3 +54,23 @@ def test_benchmark_runs_and_writes_its_table(tmp_path):
     lines = out.read_text().splitlines()
     assert lines[0].startswith("method,seed,structure,pattern,k,slices,dice_unpainted,fp_beyond")
     assert lines[1].startswith("nearest_slice,,ct_chest:right lung,ends,2,7 33,")
+
+
+@pytest.mark.slow  # builds SAM2 (random weights) and fits a learner
+def test_fit_step_split_times_a_copy_and_counts_the_decoder_steps():
+    """bench/speed.py: the fit's time per step kind, without training the fitted learner further."""
+    import speed
+    import torch
+
+    z, y, x = np.ogrid[:8, :48, :48]
+    blob = ((z - 4) / 3.5) ** 2 + ((y - 24) / 12.0) ** 2 + ((x - 22) / 10.0) ** 2 < 1
+    img = (np.random.default_rng(0).normal(0, 10, blob.shape) + 300 * blob).astype(np.float32)
+    sparse, slices = speed.painted(blob.astype(np.uint8), 2)
+    seg = speed.make_segmenter(img, "sam2", 256, fit_steps=7, fit_decoder_every=3, patience=99)
+    seg.fit(sparse, slices=slices, axis=0)
+    learner = next(iter(seg._segments.values())).learner
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    parts = speed.fit_step_seconds(seg, repeats=1)
+    assert parts["fit_steps"] == 7 and parts["fit_decoder_steps"] == 3  # steps 0, 3, 6
+    assert parts["fit_decoder_step_s"] > 0 and parts["fit_coarse_step_s"] > 0
+    assert all(torch.equal(before[k], v) for k, v in learner.state_dict().items())

@@ -151,12 +151,52 @@ def correction(
     return sparse2, sorted([*slices, extra]), list(range(a + 1, b))
 
 
+def fit_step_seconds(seg, repeats: int = 3) -> dict:
+    """Seconds of one fit step through the decoder and of one coarse-head step, on a copy of the
+    learner (the segmenter's own stays as fitted): where a fit's time goes."""
+    import copy
+
+    from oflsam2.training import train_steps
+
+    segment = next(iter(seg._segments.values()))
+    learner = copy.deepcopy(segment.learner)
+    opt = torch.optim.Adam(learner.parameters(), lr=seg.settings.learning_rate)
+    gen = torch.Generator().manual_seed(0)
+
+    def timed(steps: int, every: int) -> float:
+        t0 = time.perf_counter()
+        train_steps(
+            learner,
+            seg.backbone,
+            opt,
+            segment.anchors,
+            steps,
+            gen,
+            seg.settings,
+            patience=None,
+            decoder_every=every,
+        )
+        return time.perf_counter() - t0
+
+    decoder = timed(repeats, 1) / repeats
+    coarse = (timed(repeats + 1, repeats + 2) - decoder) / repeats  # step 0 is a decoder step
+    every = seg.settings.fit_decoder_every or seg.backbone.decoder_every
+    steps = len(segment.losses)
+    return {
+        "fit_steps": steps,
+        "fit_decoder_steps": len(range(0, steps, every)),
+        "fit_decoder_step_s": decoder,
+        "fit_coarse_step_s": coarse,
+    }
+
+
 def measure(name, img, truth, backbone: str, size: int, plain: bool) -> dict:
     from oflsam2.metrics import dice
 
     sparse, slices = painted(truth, 3)
     seg = make_segmenter(img, backbone, size)
     fit_s, first_s, first = timed_run(seg, sparse, slices)
+    parts = fit_step_seconds(seg)
     plain_t, plain_calls = plain_sam2(seg, slices, sparse) if plain else (float("nan"), 0)
     # A correction: one more slice; local re-run against a full run with the same learner.
     sparse2, slices2, gap = correction(truth, sparse, slices)
@@ -171,6 +211,7 @@ def measure(name, img, truth, backbone: str, size: int, plain: bool) -> dict:
         "image_size": size if backbone == "sam2" else 256,
         "slices": img.shape[0],
         "fit_s": fit_s,
+        **parts,
         "first_run_s": first_s,
         "plain_sam2_s": plain_t,
         "ratio_total": first_s / plain_t if plain else float("nan"),
@@ -264,6 +305,10 @@ COLUMNS = [
     ("backbone", "{}"),
     ("image_size", "{}"),
     ("fit_s", "{:.1f}"),
+    ("fit_steps", "{}"),
+    ("fit_decoder_steps", "{}"),
+    ("fit_decoder_step_s", "{:.2f}"),
+    ("fit_coarse_step_s", "{:.2f}"),
     ("first_run_s", "{:.1f}"),
     ("plain_sam2_s", "{:.1f}"),
     ("ratio_total", "{:.2f}"),
