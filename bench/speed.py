@@ -180,11 +180,10 @@ def fit_step_seconds(seg, repeats: int = 3) -> dict:
 
     decoder = timed(repeats, 1) / repeats
     coarse = (timed(repeats + 1, repeats + 2) - decoder) / repeats  # step 0 is a decoder step
-    every = seg.settings.fit_decoder_every or seg.backbone.decoder_every
     steps = len(segment.losses)
     return {
         "fit_steps": steps,
-        "fit_decoder_steps": len(range(0, steps, every)),
+        "fit_decoder_steps": len(range(0, steps, seg.fit_decoder_every)),
         "fit_decoder_step_s": decoder,
         "fit_coarse_step_s": coarse,
     }

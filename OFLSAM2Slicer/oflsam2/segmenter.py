@@ -236,6 +236,11 @@ class OFLSegmenter:
         return sorted(self._cache)
 
     @property
+    def fit_decoder_every(self) -> int:
+        """Every n-th fit step goes through the decoder (the settings', else the backbone's)."""
+        return self.settings.fit_decoder_every or self.backbone.decoder_every
+
+    @property
     def segments(self) -> list[int]:
         """Label values that have a learner."""
         return sorted(self._segments)
@@ -381,7 +386,7 @@ class OFLSegmenter:
             steps,
             self._gen,
             s,
-            decoder_every=s.fit_decoder_every or self.backbone.decoder_every,
+            decoder_every=self.fit_decoder_every,
             cancel=cancel,
             progress=report,
         )
