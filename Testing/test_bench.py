@@ -74,3 +74,21 @@ def test_fit_step_split_times_a_copy_and_counts_the_decoder_steps():
     assert parts["fit_steps"] == 7 and parts["fit_decoder_steps"] == 3  # steps 0, 3, 6
     assert parts["fit_decoder_step_s"] > 0 and parts["fit_coarse_step_s"] > 0
     assert all(torch.equal(before[k], v) for k, v in learner.state_dict().items())
+
+
+@pytest.mark.slow  # builds SAM2 (random weights), encodes, fits and propagates
+def test_memory_bench_caches_every_slice_and_spills_beyond_the_budget(tmp_path):
+    import json
+
+    out = tmp_path / "memory.json"
+    cmd = [sys.executable, str(BENCH / "memory.py"), "--slices", "6", "--image-size", "256"]
+    cmd += ["--extent", "0.5", "--fit-steps", "1", "--cache-ram-gib", "0.001", "--threads", "1"]
+    done = subprocess.run(cmd + ["--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "peak_rss_gib" in done.stdout.splitlines()[0]
+    (row,) = json.loads(out.read_text())
+    assert row["encoder_calls"] == 6  # every slice, each once
+    slice_gib = 512 * 2**10 / 2**30  # SAM2 at 256: 512 KiB of float16 features a slice
+    assert row["cache_in_ram_gib"] <= 0.001
+    assert 4 * slice_gib <= row["cache_on_disk_gib"] <= 6 * slice_gib
+    assert row["peak_rss_gib"] >= row["peak_rss_fit_gib"] > row["volume_gib"] > 0

@@ -179,6 +179,20 @@ def test_too_large_for_memory(right_lung_file, tmp_path, capsys, monkeypatch):
     assert code == 2 and "--image-size 512" in err
 
 
+def test_too_large_for_the_temporary_disk(right_lung_file, tmp_path, capsys, monkeypatch):
+    """Features beyond --cache-ram-gib go to TMPDIR: refused up front when it is too small."""
+    from oflsam2 import cli_segment
+
+    monkeypatch.setattr(cli_segment, "available_memory", lambda: 64 * 2**30)
+    monkeypatch.setattr(cli_segment.shutil, "disk_usage", lambda _: SimpleNamespace(free=2**20))
+    out = tmp_path / "o.nrrd"
+    argv = segment_argv(right_lung_file, out, *RANDOM_SAM2, "--cache-ram-gib", "0")
+    code, err = _err(capsys, argv)
+    assert code == 2 and "of disk in" in err and "TMPDIR" in err and not out.exists()
+    code, err = _err(capsys, segment_argv(right_lung_file, out, "--cache-ram-gib", "-1"))
+    assert code == 2 and "--cache-ram-gib must be 0 or more, not -1.0" in err
+
+
 def test_bad_slices_option(right_lung_file, right_lung, tmp_path, capsys):
     sparse_path = right_lung_file
     out = tmp_path / "o.nrrd"

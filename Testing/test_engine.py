@@ -226,6 +226,26 @@ def test_same_seed_gives_identical_output_and_leaves_the_global_rng_alone(synthe
     assert not torch.equal(first, next(other.backbone.net.parameters()))
 
 
+def test_features_spilled_to_disk_give_the_same_result(synthetic):
+    """A RAM budget of one slice sends the rest of the cache to disk; nothing else changes."""
+    img, _, sparse = synthetic
+    quick = RANDOM_SAM2.replace(fit_steps=3, seed=7)
+    runs = []
+    for budget in (None, 0.0):
+        seg = OFLSegmenter(quick.replace(cache_ram_gib=budget))
+        seg.set_volume(img)
+        seg.fit(sparse)
+        runs.append((seg, seg.propagate()))
+    (ram, a), (disk, b) = runs
+    np.testing.assert_array_equal(a.labels, b.labels)
+    per_slice = ram.backbone.bytes_per_slice()
+    assert ram._cache.bytes_on_disk == 0
+    assert disk._cache.bytes_in_ram == per_slice  # only the newest slice stays in RAM
+    n = len(disk.cached_slices)  # each slice written once at most, all but one at least
+    assert (n - 1) * per_slice <= disk._cache.bytes_on_disk <= n * per_slice
+    assert disk.encoder_calls == ram.encoder_calls  # nothing encoded twice
+
+
 def test_each_segment_has_its_own_painted_slices(synthetic):
     """A slice painted with segment 1 only says nothing about segment 2 there."""
     img, truth, _ = synthetic

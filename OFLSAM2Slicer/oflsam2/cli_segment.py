@@ -6,7 +6,9 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,6 +59,13 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         "--fit-steps", type=int, help="training steps on the painted slices (default: by speed)"
     )
     p.add_argument("--roi", choices=list(ROI_MODES), default=d.roi)
+    p.add_argument(
+        "--cache-ram-gib",
+        type=float,
+        default=d.cache_ram_gib,
+        help=f"GiB of encoded slices kept in RAM; the rest go to a temporary file in TMPDIR "
+        f"(default {d.cache_ram_gib})",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
         "--json", metavar="REPORT.json", help="write timings, counts, backbone and device here"
@@ -86,6 +95,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         gamma=args.gamma,
         roi=args.roi,
         fit_steps=args.fit_steps,
+        cache_ram_gib=args.cache_ram_gib,
     )
 
 
@@ -141,15 +151,29 @@ def available_memory() -> int | None:
     return free()
 
 
-def check_memory(n_slices: int, bytes_per_slice: int, image_size: int) -> None:
-    """Refuse up front what cannot fit, rather than dying half way."""
-    need = n_slices * bytes_per_slice + 1.5e9
+def check_memory(
+    n_slices: int, bytes_per_slice: int, image_size: int, ram_bytes: int | None = None
+) -> None:
+    """Refuse up front what cannot fit, rather than dying half way. Features beyond the RAM
+    budget (``ram_bytes``) go to a temporary file, so they need disk instead."""
+    features = n_slices * bytes_per_slice
+    in_ram = features if ram_bytes is None else min(features, ram_bytes)
+    need = in_ram + 1.5e9
     avail = available_memory()
     if avail is not None and need > 0.9 * avail:
         raise InputError(
             f"this volume needs about {need / 2**30:.1f} GiB for {n_slices} slices of features at image size "
-            f"{image_size}, but {avail / 2**30:.1f} GiB is free: use --image-size 512, crop the image, "
-            "or free memory"
+            f"{image_size}, but {avail / 2**30:.1f} GiB is free: use --image-size 512, a smaller "
+            "--cache-ram-gib, crop the image, or free memory"
+        )
+    spill = features - in_ram
+    where = tempfile.gettempdir()
+    free = shutil.disk_usage(where).free
+    if spill > 0 and spill > 0.9 * free:
+        raise InputError(
+            f"the features beyond --cache-ram-gib need about {spill / 2**30:.1f} GiB of disk in "
+            f"{where}, but {free / 2**30:.1f} GiB is free: set TMPDIR to a larger disk, or raise "
+            "--cache-ram-gib"
         )
 
 
@@ -293,7 +317,7 @@ def build_segmenter(settings: Settings, n_slices: int, quiet: bool):
 
     seg = OFLSegmenter(settings)
     bb = seg.backbone
-    check_memory(n_slices, bb.bytes_per_slice(), bb.input_size)
+    check_memory(n_slices, bb.bytes_per_slice(), bb.input_size, settings.cache_ram_bytes)
     if bb.random_weights and not quiet:
         print(
             "oflsam2: WARNING: SAM2 has RANDOM WEIGHTS; the result is meaningless (speed/tests only)",

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from . import volume as vol
 from .backbones import Backbone, build_backbone
 from .backbones.base import NOT_DECODED_LOGIT, Prediction, Tracker
+from .cache import FeatureCache
 from .errors import Cancelled, InputError
 from .learner import Learner
 from .progress import ENCODE, FIT, PROPAGATE, Progress, ProgressEvent
@@ -151,7 +152,7 @@ class OFLSegmenter:
         self._array: np.ndarray | None = None
         self.geometry: vol.Geometry | None = None
         self.modality: str | None = None
-        self._cache: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self._cache = FeatureCache(settings.cache_ram_bytes)
         self._cache_key: tuple | None = None
         self._segments: dict[int, _Segment] = {}
         self._sparse: np.ndarray | None = None
@@ -205,6 +206,7 @@ class OFLSegmenter:
         if changed:
             raise ValueError(f"reset() cannot change {', '.join(changed)}: make a new segmenter")
         self.settings = settings
+        self._cache.ram_bytes = settings.cache_ram_bytes
         self._segments.clear()
         self._seed(settings.seed)
 
@@ -270,10 +272,7 @@ class OFLSegmenter:
             imgs = np.stack([self.roi.crop(self._window_slice(t)) for t in chunk])
             enc = bb.encode(bb.prepare(imgs))
             for n, t in enumerate(chunk):
-                self._cache[t] = (
-                    enc.embed[n].to("cpu", torch.float16),
-                    [h[n].to("cpu", torch.float16) for h in enc.hires],
-                )
+                self._cache[t] = (enc.embed[n], [h[n] for h in enc.hires])
             self.encoder_calls += len(chunk)
             if progress is not None:
                 progress(ProgressEvent(ENCODE, None, min(start + batch, len(todo)), len(todo)))

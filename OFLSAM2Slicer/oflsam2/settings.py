@@ -37,6 +37,8 @@ class Settings:
     roi_min_pad: int = 8  # pixels added on each side of the crop on top of the margin
     roi_min_side: int = 256  # the crop's smallest side: a smaller crop only magnifies the image
     # (LiteMedSAM sees 256 px), and a fixed whole-slice crop keeps the cache across corrections
+    cache_ram_gib: float | None = 0.5  # encoded slices kept in RAM; beyond it they go to a
+    # temporary file (8 MiB a slice at 1024: a 300-slice CT would otherwise hold 2.3 GiB)
     seed: int = 0  # seeds the engine's own generator (augmentation, online batches)
 
     # -- few-shot fit
@@ -88,6 +90,8 @@ class Settings:
             raise InputError(f"unknown backbone {self.backbone!r}: use sam2 or litemedsam")
         if self.roi not in ROI_MODES:
             raise InputError(f"--roi must be auto or none, not {self.roi!r}")
+        if self.cache_ram_gib is not None and not self.cache_ram_gib >= 0:
+            raise InputError(f"--cache-ram-gib must be 0 or more, not {self.cache_ram_gib}")
         if not 0.0 < self.gamma < 1.0:
             raise InputError(f"gamma must lie between 0 and 1, not {self.gamma}")
         if self.inside not in INSIDE:
@@ -96,6 +100,10 @@ class Settings:
             raise InputError(f"online_scope must be one of {ONLINE_SCOPES}")
         if self.prior is not None and self.prior not in PRIORS:
             raise InputError(f"prior must be interp or none, not {self.prior!r}")
+
+    @property
+    def cache_ram_bytes(self) -> int | None:
+        return None if self.cache_ram_gib is None else int(self.cache_ram_gib * 2**30)
 
     def replace(self, **changes) -> Settings:
         """A copy with ``changes``; unknown names are a programming error (TypeError)."""
