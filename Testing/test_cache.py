@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 
-from oflsam2.cache import FeatureCache
+from oflsam2.cache import FeatureCache, trim_heap
 
 SHAPES = [(8, 4, 4), (2, 16, 16), (4, 8, 8)]  # an embedding and two high-resolution maps
 
@@ -72,3 +74,19 @@ def test_a_disk_that_cannot_be_written_keeps_the_slices_in_ram(monkeypatch, tmp_
     assert cache.spill_failed and cache.bytes_on_disk == 0
     assert cache.bytes_in_ram == 3 * SLICE_BYTES
     assert all(same(cache[t], features(t)) for t in range(3))
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap: Linux only")
+def test_trim_heap_gives_freed_memory_back_to_the_os():
+    chunks = [np.ones(8192) for _ in range(3000)]  # 64 KiB each: from the heap, not mmap
+    pin = np.ones(8192)  # allocated above them, so their space is not at the heap's top
+    del chunks
+    freed = rss_mib()  # glibc keeps the 190 MiB resident
+    trim_heap()
+    assert freed - rss_mib() > 100
+    del pin

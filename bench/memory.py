@@ -4,7 +4,8 @@ Memory, not accuracy or speed: SAM2 random-init (the real model's shapes and act
 short fit (``--fit-steps``, default 4; a step's activations are the same however many steps run).
 After the fit every slice is encoded (``OFLSegmenter.encode``), then the learner is refitted (as
 after a correction) and the volume propagated, so the cache holds all N slices whatever the
-structure's extent; ``--extent`` (its share of the slices) only sets how long the walks are.
+structure's extent; ``--extent`` (its share of the slices) only sets how long the walks are
+(they stay between the painted slices: random weights would never end one beyond them).
 Peak RSS is the kernel's high-water mark (VmHWM) from the moment the volume exists, so the
 volume itself counts, as it does in a real run. The feature cache keeps ``--cache-ram-gib`` of
 encoded slices in RAM and the rest in a temporary file; its two byte counts are printed.
@@ -82,6 +83,7 @@ def main() -> None:
         image_size=args.image_size,
         fit_steps=args.fit_steps,
         cache_ram_gib=args.cache_ram_gib,
+        extend=False,  # random weights never end a walk beyond the painted slices
     )
     seg = OFLSegmenter(settings)
     seg.set_volume(img)

@@ -9,6 +9,8 @@ crash) and come back with one read, milliseconds against the seconds a walk step
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -126,3 +128,26 @@ class FeatureCache:
 
 def _nbytes(value: Features) -> int:
     return value[0].numel() * 2 + sum(h.numel() * 2 for h in value[1])
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc only; elsewhere nothing happens).
+
+    glibc keeps what a fit or an encoder batch freed: a fit at 1024 leaves about 0.9 GiB resident
+    that nothing uses, on top of which the cache then grows.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # musl and others: no glibc heap to trim
+        return None
+
+
+_LIBC = _glibc()

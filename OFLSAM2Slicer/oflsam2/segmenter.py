@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from . import volume as vol
 from .backbones import Backbone, build_backbone
 from .backbones.base import NOT_DECODED_LOGIT, Prediction, Tracker
-from .cache import FeatureCache
+from .cache import FeatureCache, trim_heap
 from .errors import Cancelled, InputError
 from .learner import Learner
 from .progress import ENCODE, FIT, PROPAGATE, Progress, ProgressEvent
@@ -276,6 +276,8 @@ class OFLSegmenter:
             self.encoder_calls += len(chunk)
             if progress is not None:
                 progress(ProgressEvent(ENCODE, None, min(start + batch, len(todo)), len(todo)))
+        if todo:
+            trim_heap()
         self.encode_seconds += time.perf_counter() - t0
 
     def _get(self, t: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -336,6 +338,7 @@ class OFLSegmenter:
                 del self._segments[value]
         self.fit_seconds = time.perf_counter() - t0 - (self.encode_seconds - enc0)
         self._fit_encode_seconds = self.encode_seconds - enc0
+        trim_heap()
 
     def _place(self, sparse: np.ndarray, axis: int) -> None:
         """Window and crop for this painting; a change of either (or of the axis) empties the cache."""

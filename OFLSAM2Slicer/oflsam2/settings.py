@@ -37,7 +37,7 @@ class Settings:
     roi_min_pad: int = 8  # pixels added on each side of the crop on top of the margin
     roi_min_side: int = 256  # the crop's smallest side: a smaller crop only magnifies the image
     # (LiteMedSAM sees 256 px), and a fixed whole-slice crop keeps the cache across corrections
-    cache_ram_gib: float | None = 0.5  # encoded slices kept in RAM; beyond it they go to a
+    cache_ram_gib: float | None = 0.25  # encoded slices kept in RAM; beyond it they go to a
     # temporary file (8 MiB a slice at 1024: a 300-slice CT would otherwise hold 2.3 GiB)
     seed: int = 0  # seeds the engine's own generator (augmentation, online batches)
 
