@@ -133,7 +133,7 @@ def _nbytes(value: Features) -> int:
 def trim_heap() -> None:
     """Hand the heap's free pages back to the OS (glibc only; elsewhere nothing happens).
 
-    glibc keeps what a fit or an encoder batch freed: a fit at 1024 leaves about 0.9 GiB resident
+    glibc keeps what a fit or an encoder batch freed: a fit at 1024 left about 0.5 GiB resident
     that nothing uses, on top of which the cache then grows.
     """
     if _LIBC is not None:
