@@ -108,7 +108,7 @@ class FeatureCache:
             self.spill_failed = f"{exc.strerror or exc}"
             return False
         self._disk[t] = (self._end, [tuple(a.shape) for a in arrays])
-        self._end += sum(a.numel() * 2 for a in arrays)
+        self._end += _nbytes(value)
         return True
 
     def _read(self, t: int) -> Features:
